@@ -1,0 +1,30 @@
+"""durable_analytics: analytics events queued on disk before `track()` returns.
+
+A process that dies loses nothing `track()` returned for: the next process to open the same
+queue sends it. See README.md and docs/.
+"""
+
+from ._version import __version__
+from .client import Analytics, ConsentState, ErrorListener
+from .context import analytics_context, get_context, track_server_action, track_server_page_view
+from .errors import DurableAnalyticsError, ValidationError
+from .queue import SQLiteQueue
+from .transport import HTTPTransport, InMemoryTransport, Transport, TransportResponse
+
+__all__ = [
+    "Analytics",
+    "ConsentState",
+    "DurableAnalyticsError",
+    "ErrorListener",
+    "HTTPTransport",
+    "InMemoryTransport",
+    "SQLiteQueue",
+    "Transport",
+    "TransportResponse",
+    "ValidationError",
+    "__version__",
+    "analytics_context",
+    "get_context",
+    "track_server_action",
+    "track_server_page_view",
+]

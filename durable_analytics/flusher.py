@@ -1,0 +1,405 @@
+"""The background thread: wait -> flush lock -> read batch -> send -> delete/retry/dead-letter.
+
+One daemon thread per client, started lazily on first use and again in a forked child (the
+parent's thread does not exist there). The loop body never dies: any error is caught, logged
+with ``logger.exception``, reported, and followed by a backoff.
+
+At most one process ships from a queue at a time. The flusher takes a process-wide thread
+lock and then a non-blocking `filelock.FileLock` on ``flush.lock`` in the queue directory;
+the kernel drops that lock when its holder dies, even by SIGKILL, so another process takes
+over at its next wake-up (at most ``flush_interval`` later) and no stale lock file blocks it.
+Writers (`track()`) never touch this lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from .config import Config
+from .errors import (
+    AuthenticationError,
+    DurableAnalyticsError,
+    RejectedError,
+    RetryableDeliveryError,
+    StorageError,
+)
+from .paths import FLUSH_LOCK_NAME, create_private_file
+from .queue import QueuedEvent, SQLiteQueue, decode_payload
+from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
+from .stats import Stats
+from .transport import SendFailed, Transport
+
+__all__ = ["Flusher"]
+
+logger = logging.getLogger("durable_analytics")
+
+# How often flush() re-checks the queue when another process is the one shipping from it.
+_POLL = 0.05
+
+# One (thread lock, file lock) pair per lock file per process: two FileLock objects for one
+# path in one process would each think they hold it.
+_LOCKS: dict[str, tuple[threading.Lock, filelock.FileLock]] = {}
+_LOCKS_GUARD = threading.Lock()
+# Inherited file locks are kept referenced in a forked child: releasing one there (even by
+# garbage collection) would release the parent's flock, which the two share.
+_ABANDONED_LOCKS: list[Any] = []
+
+
+def _flush_lock(directory: Path) -> tuple[threading.Lock, filelock.FileLock]:
+    path = str(directory / FLUSH_LOCK_NAME)
+    with _LOCKS_GUARD:
+        pair = _LOCKS.get(path)
+        if pair is None:
+            create_private_file(directory / FLUSH_LOCK_NAME)
+            pair = (
+                threading.Lock(),
+                filelock.FileLock(
+                    path,
+                    timeout=0,
+                    thread_local=False,
+                    preserve_lock_file=True,
+                    fallback_to_soft=False,
+                ),
+            )
+            _LOCKS[path] = pair
+        return pair
+
+
+def _forget_locks_in_child() -> None:
+    global _LOCKS_GUARD
+    _ABANDONED_LOCKS.append(dict(_LOCKS))
+    _LOCKS.clear()
+    _LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+class Flusher:
+    """Ships a queue's events in the background (see the module docstring)."""
+
+    def __init__(
+        self,
+        queue: SQLiteQueue,
+        transport: Transport,
+        config: Config,
+        stats: Stats,
+        report: Callable[[DurableAnalyticsError], None],
+        *,
+        name: str,
+    ) -> None:
+        self.queue = queue
+        self.transport = transport
+        self.config = config
+        self.stats = stats
+        self.report = report
+        self.name = name
+        self._rng = random.Random()
+        self._reset_threading_state()
+
+    def _reset_threading_state(self) -> None:
+        self._pid = os.getpid()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._start_lock = threading.Lock()
+        # Monotonic times before which we do not send: ours (backoff) and the server's
+        # (Retry-After). An explicit flush() may skip the first, never the second.
+        self._backoff_until = 0.0
+        self._server_until = 0.0
+        self._urgent = False
+        self._failures = 0
+        self._failing_since: float | None = None
+
+    def after_fork(self) -> None:
+        """In a forked child: no thread exists here; start a fresh one when next needed."""
+        if self._pid != os.getpid():
+            self._reset_threading_state()
+
+    # --- control, from any thread -------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the thread if this process has none running (cheap when it does)."""
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid() and thread.is_alive():
+            return
+        if self._pid != os.getpid():
+            self._reset_threading_state()
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def wake(self, *, urgent: bool = False) -> None:
+        """Ask the thread to send now (``urgent``: even while our own backoff runs)."""
+        if urgent:
+            self._urgent = True
+        self._wake.set()
+
+    def flush(self, timeout: float | None) -> bool:
+        """Block until every event queued before the call is delivered (or dead-lettered).
+
+        Returns False when ``timeout`` seconds pass first; the events stay on disk.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        target = self.queue.last_id()
+        if self._done(target):
+            return True
+        if threading.current_thread() is self._thread:
+            return False  # an error listener calling flush() must not wait on itself
+        self.ensure_started()
+        self.wake(urgent=True)
+        with self._progress:
+            while True:
+                if self._done(target):
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                # Woken by our own progress; the poll catches another process's.
+                self._progress.wait(_POLL if remaining is None else min(_POLL, remaining))
+
+    def _done(self, target: int) -> bool:
+        head = self.queue.head()
+        return head is None or head[0] > target
+
+    def stop(self, timeout: float | None) -> bool:
+        """Stop the thread; returns False if it is still busy (e.g. inside a slow request)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread() or self._pid != os.getpid():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    # --- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            hold = max(self._server_until, 0.0 if self._urgent else self._backoff_until)
+            wait = self.config.flush_interval if hold <= now else hold - now
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            now = time.monotonic()
+            if now < self._server_until or (now < self._backoff_until and not self._urgent):
+                continue
+            self._urgent = False
+            try:
+                self._drain()
+            except Exception as exc:
+                logger.exception("durable_analytics flusher error (will retry)")
+                self.stats.record_error(exc)
+                self._back_off(None)
+                if isinstance(exc, DurableAnalyticsError):
+                    self.report(exc)
+                else:
+                    self.report(StorageError(f"flusher error: {exc!r}"))
+            finally:
+                with self._progress:
+                    self._progress.notify_all()
+
+    @contextlib.contextmanager
+    def _elected(self) -> Iterator[bool]:
+        """Hold this queue's flush lock if nobody else does; yields whether we got it."""
+        thread_lock, file_lock = _flush_lock(self.queue.directory)
+        if not thread_lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            try:
+                file_lock.acquire(timeout=0)
+            except filelock.Timeout:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                file_lock.release()
+        finally:
+            thread_lock.release()
+
+    def _drain(self) -> None:
+        """Send batches until the queue is empty or a send fails."""
+        with self._elected() as elected:
+            if not elected:
+                return
+            sent_any = False
+            while not self._stop.is_set() or self._urgent:
+                batch = self.queue.read_batch(
+                    self.config.max_batch_size, self.config.max_batch_bytes
+                )
+                if not batch:
+                    break
+                ok = self._ship(batch)
+                sent_any = True
+                with self._progress:
+                    self._progress.notify_all()
+                if not ok:
+                    return
+            if sent_any:
+                self.queue.compact()
+
+    def _ship(self, batch: Sequence[QueuedEvent]) -> bool:
+        """Send one batch, splitting on 400/413/422; False means: back off before the next."""
+        pending: list[Sequence[QueuedEvent]] = [batch]
+        while pending:
+            part = pending.pop()
+            decision, status, retry_after = self._send(part)
+            ids = [event.id for event in part]
+            if decision.action is Action.DELIVERED:
+                self.queue.delete(ids)
+                self.stats.add("delivered", len(part))
+                self.stats.add("batches")
+                self._recovered()
+            elif decision.action is Action.SPLIT and len(part) > 1:
+                middle = len(part) // 2
+                self.stats.add("splits")
+                pending.extend([part[middle:], part[:middle]])  # first half is popped first
+            elif decision.action in (Action.SPLIT, Action.DEAD_LETTER):
+                self._dead_letter(part, decision.reason, status)
+            elif decision.action is Action.KEEP:
+                self._keep(part, decision, status, retry_after)
+                return False
+            else:
+                self._retry(part, decision, status, retry_after)
+                return False
+        return True
+
+    def _send(self, part: Sequence[QueuedEvent]) -> tuple[Decision, int | None, float | None]:
+        try:
+            response = self.transport.send([event.payload for event in part])
+        except SendFailed as exc:
+            self._last_failure = str(exc)
+            return classify(None, timed_out=exc.timed_out), None, None
+        retry_after = parse_retry_after(
+            _header(response.headers, "retry-after"), self.config.retry_max_delay
+        )
+        self._last_failure = f"HTTP {response.status}"
+        return classify(response.status), response.status, retry_after
+
+    def _dead_letter(self, part: Sequence[QueuedEvent], reason: str, status: int | None) -> None:
+        moved = self.queue.move_to_dead_letter([e.id for e in part], reason, status)
+        self.stats.add("dead_lettered", moved)
+        logger.error(
+            "durable_analytics: %d event(s) moved to dead_letter (%s) in %s",
+            moved,
+            reason,
+            self.queue.path,
+        )
+        self.report(
+            RejectedError(
+                f"server refused {len(part)} event(s) ({reason}); moved to dead_letter",
+                events=_decode(part),
+                status_code=status,
+            )
+        )
+
+    def _keep(
+        self,
+        part: Sequence[QueuedEvent],
+        decision: Decision,
+        status: int | None,
+        retry_after: float | None,
+    ) -> None:
+        self.stats.add("failed_requests")
+        message = (
+            f"server answered {status} ({decision.reason}); {len(part)} event(s) kept on disk, "
+            "check write_key and base_url"
+        )
+        self._log_failure(message)
+        self.stats.record_error(message)
+        # A wrong key or URL will not fix itself in seconds: wait the longest backoff.
+        self._failures += 1
+        self._backoff_until = time.monotonic() + self.config.retry_max_delay
+        if retry_after is not None:
+            self._server_until = time.monotonic() + retry_after
+        self.report(AuthenticationError(message, events=_decode(part), status_code=status))
+
+    def _retry(
+        self,
+        part: Sequence[QueuedEvent],
+        decision: Decision,
+        status: int | None,
+        retry_after: float | None,
+    ) -> None:
+        self.stats.add("failed_requests")
+        self.stats.add("retried", len(part))
+        if decision.counts_attempt:
+            self.queue.add_attempt([e.id for e in part])
+            spent = [e for e in part if e.attempts + 1 > self.config.max_retries]
+            if spent:
+                reason = f"max_retries_{decision.reason}"
+                self._dead_letter(spent, reason, status)
+        message = f"delivery failed ({decision.reason}: {self._last_failure}); will retry"
+        self._log_failure(message)
+        self.stats.record_error(message)
+        self._back_off(retry_after)
+        self.report(RetryableDeliveryError(message, events=_decode(part), status_code=status))
+
+    def _back_off(self, retry_after: float | None) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        self._backoff_until = now + backoff_delay(
+            self._failures,
+            self.config.retry_base_delay,
+            self.config.retry_max_delay,
+            self._rng.random,
+        )
+        if retry_after is not None:
+            self._server_until = now + retry_after
+
+    def _log_failure(self, message: str) -> None:
+        # One warning when a streak of failures starts, then debug: an outage must not
+        # flood the host's logs.
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning("durable_analytics: %s", message)
+        else:
+            logger.debug("durable_analytics: %s", message)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            logger.warning(
+                "durable_analytics: delivery recovered after %.1fs",
+                time.monotonic() - self._failing_since,
+            )
+        self._failing_since = None
+        self._failures = 0
+        self._backoff_until = 0.0
+
+    _last_failure: str = ""
+
+
+def _header(headers: Any, name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+def _decode(part: Sequence[QueuedEvent]) -> list[dict[str, Any]]:
+    events = []
+    for event in part:
+        try:
+            events.append(decode_payload(event.payload))
+        except ValueError:
+            events.append({"event_id": event.message_id})
+    return events

@@ -1,0 +1,282 @@
+"""Getting a batch to the server: the `Transport` seam, the HTTP implementation and wire formats.
+
+The queue stores each event as JSON in Layers' anatomy, so a layers request body is built by
+joining the stored strings (no decode and re-encode per event); the segment format converts
+each event to Segment's field names when it ships.
+
+The HTTP transport keeps its own `requests.Session` per process (a pooled TLS connection must
+not be shared across ``fork()``), ignores the environment's ``.netrc``, CA and proxy settings
+unless asked (``trust_env=False``: a ``.netrc`` entry would silently replace our
+``Authorization`` header), never follows redirects (the key must not travel to another host),
+asks for an uncompressed answer and reads at most 64 KiB of it.
+"""
+
+from __future__ import annotations
+
+import gzip as gzip_module
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import requests
+
+from ._version import __version__
+from .events import format_timestamp
+
+__all__ = [
+    "HTTPTransport",
+    "InMemoryTransport",
+    "SendFailed",
+    "Transport",
+    "TransportResponse",
+    "build_body",
+    "to_segment",
+]
+
+logger = logging.getLogger("durable_analytics")
+
+MAX_RESPONSE_BYTES = 64 * 1024
+USER_AGENT = f"durable-analytics-python/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class TransportResponse:
+    """What the server answered: enough to classify it, never the whole body."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class SendFailed(Exception):
+    """The request did not get an HTTP answer (refused, reset, DNS, TLS, timeout)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Sends one batch of stored payloads (JSON texts in Layers' anatomy)."""
+
+    def send(self, payloads: Sequence[str]) -> TransportResponse:
+        """Send the batch; return the answer, or raise `SendFailed` when there was none."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. The transport may be used again afterwards."""
+        ...
+
+
+# --- wire formats ---------------------------------------------------------------------------
+
+_SEGMENT_CONTEXT_KEYS = ("app_id", "session_id", "environment", "platform")
+
+
+def to_segment(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Convert one stored event (Layers' anatomy) to Segment's HTTP Tracking API fields."""
+    kind = event.get("type", "track")
+    props = dict(event.get("properties") or {})
+    context = dict(event.get("context") or {})
+    for key in _SEGMENT_CONTEXT_KEYS:
+        if event.get(key) is not None:
+            context[key] = event[key]
+    out: dict[str, Any] = {
+        "type": "identify" if kind == "set_user_properties" else kind,
+        "messageId": event["event_id"],
+        "timestamp": event["timestamp"],
+        "context": context,
+    }
+    if event.get("app_user_id") is not None:
+        out["userId"] = event["app_user_id"]
+    if event.get("anonymous_id") is not None:
+        out["anonymousId"] = event["anonymous_id"]
+    if event.get("integrations") is not None:
+        out["integrations"] = event["integrations"]
+    if kind == "track":
+        out["event"] = event["event"]
+        out["properties"] = props
+    elif kind in ("screen", "page"):
+        out["name"] = props.pop(f"{kind}_name", None)
+        out["properties"] = props
+    elif kind in ("identify", "set_user_properties"):
+        out["traits"] = props
+    elif kind == "group":
+        out["groupId"] = props.get("group_id")
+        out["traits"] = props.get("traits") or {}
+    elif kind == "alias":
+        out["previousId"] = props.get("previous_id")
+    return out
+
+
+def build_body(protocol: str, payloads: Sequence[str], *, sent_at: str | None = None) -> bytes:
+    """The request body for one batch, uncompressed."""
+    sent = sent_at or format_timestamp()
+    if protocol == "segment":
+        batch = [to_segment(json.loads(p)) for p in payloads]
+        return json.dumps({"batch": batch, "sentAt": sent}, separators=(",", ":")).encode()
+    # The stored payloads are already valid JSON objects: join, don't re-encode.
+    head = '{"events":['
+    tail = f'],"batch_id":"{uuid.uuid4()}","sent_at":"{sent}"}}'
+    return (head + ",".join(payloads) + tail).encode("utf-8")
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+class HTTPTransport:
+    """`Transport` over HTTP(S) with `requests` (see the module docstring for the hazards)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        protocol: str = "layers",
+        app_id: str,
+        write_key: str | None = None,
+        timeout: float = 10.0,
+        gzip: bool = False,
+    ) -> None:
+        self.protocol = protocol
+        self.url = base_url.rstrip("/") + ("/v1/batch" if protocol == "segment" else "/events")
+        self.timeout = timeout
+        self.gzip = gzip
+        self._write_key = write_key
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
+        if protocol == "layers":
+            self._headers["X-App-Id"] = app_id
+        if gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._session: requests.Session | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        # Never the key: reprs end up in logs and tracebacks.
+        return f"HTTPTransport(url={self.url!r}, protocol={self.protocol!r})"
+
+    def _get_session(self) -> requests.Session:
+        if self._pid != os.getpid():
+            # The parent's pooled sockets belong to the parent; using them here would
+            # interleave two processes' bytes on one TLS stream.
+            self._session = None
+            self._pid = os.getpid()
+        if self._session is None:
+            session = requests.Session()
+            session.trust_env = False
+            session.headers.clear()
+            if self._write_key is not None:
+                if self.protocol == "segment":
+                    session.auth = (self._write_key, "")
+                else:
+                    session.headers["Authorization"] = f"Bearer {self._write_key}"
+            self._session = session
+        return self._session
+
+    def send(self, payloads: Sequence[str]) -> TransportResponse:
+        """POST one batch. See `Transport.send`."""
+        body = build_body(self.protocol, payloads)
+        if self.gzip:
+            body = gzip_module.compress(body, compresslevel=6)
+        with self._lock:
+            session = self._get_session()
+        try:
+            response = session.post(
+                self.url,
+                data=body,
+                headers=self._headers,
+                timeout=(self.timeout, self.timeout),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.Timeout as exc:
+            raise SendFailed(
+                f"timed out after {self.timeout}s: {_safe(exc)}", timed_out=True
+            ) from exc
+        except requests.RequestException as exc:
+            raise SendFailed(f"{type(exc).__name__}: {_safe(exc)}") from exc
+        try:
+            # Bounded read: a huge or endless 2xx body must not eat memory or time.
+            content = response.raw.read(MAX_RESPONSE_BYTES, decode_content=False) or b""
+        except Exception as exc:  # noqa: BLE001 - the status already decides the outcome
+            logger.debug("reading the response body failed: %s", exc)
+            content = b""
+        finally:
+            response.close()
+        return TransportResponse(response.status_code, dict(response.headers), content)
+
+    def close(self) -> None:
+        """Close pooled connections (a new session is made if the transport is used again)."""
+        with self._lock:
+            if self._session is not None and self._pid == os.getpid():
+                self._session.close()
+            self._session = None
+
+
+def _safe(exc: BaseException) -> str:
+    # requests' messages quote the URL; ours never holds credentials (config refuses them).
+    return str(exc)[:300]
+
+
+# --- in memory ---------------------------------------------------------------------------
+
+
+class InMemoryTransport:
+    """A `Transport` that keeps what it is sent, for tests and local development.
+
+    Answers 200 unless told otherwise with `respond_with`. ``events`` are the decoded events
+    of every accepted batch, in order.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict[str, Any]]] = []
+        self.attempts = 0
+        self._script: list[TransportResponse | Callable[[Sequence[str]], TransportResponse]] = []
+        self._lock = threading.Lock()
+
+    def respond_with(
+        self, status: int, *, headers: Mapping[str, str] | None = None, times: int = 1
+    ) -> None:
+        """Answer the next ``times`` sends with ``status`` (then 200 again)."""
+        with self._lock:
+            self._script.extend([TransportResponse(status, dict(headers or {}))] * times)
+
+    def fail_with(self, message: str = "connection refused", *, times: int = 1) -> None:
+        """Make the next ``times`` sends fail as if the network was down."""
+
+        def fail(_: Sequence[str]) -> TransportResponse:
+            raise SendFailed(message)
+
+        with self._lock:
+            self._script.extend([fail] * times)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every accepted event, decoded, in the order it was sent."""
+        with self._lock:
+            return [event for batch in self.batches for event in batch]
+
+    def send(self, payloads: Sequence[str]) -> TransportResponse:
+        """Record the batch, or answer as scripted."""
+        with self._lock:
+            self.attempts += 1
+            step = self._script.pop(0) if self._script else None
+        response = step(payloads) if callable(step) else step or TransportResponse(200)
+        if 200 <= response.status < 300:
+            decoded = [json.loads(p) for p in payloads]
+            with self._lock:
+                self.batches.append(decoded)
+        return response
+
+    def close(self) -> None:
+        """Nothing to release."""
