@@ -63,7 +63,7 @@ class Config:
     debug: bool = False
     #: First retry delay; later ones double up to ``retry_max_delay`` (full jitter).
     retry_base_delay: float = 0.5
-    #: Ceiling of the backoff, and of a server's ``Retry-After``.
+    #: Ceiling of our own backoff (a server's ``Retry-After`` is honoured up to 300 s).
     retry_max_delay: float = 60.0
     #: Permit ``http://`` to a host that is not loopback (the write key travels in clear).
     allow_insecure_http: bool = False

@@ -96,6 +96,8 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     if isinstance(value, (set, frozenset)):
         try:
             return sorted(value)
@@ -108,8 +110,10 @@ _SCALARS: Final = (str, int, float, bool, type(None))
 _CONVERTIBLE: Final = (dt.datetime, dt.date, dt.time, decimal.Decimal, uuid.UUID)
 
 
-def _check_value(value: Any, field: str, depth: int) -> None:
+def _check_value(value: Any, field: str, depth: int, parents: list[int]) -> None:
     """Walk a value before encoding, so errors name the field and deep nesting never recurses far.
+
+    ``parents`` holds the ids of the containers above this value, to name a cycle as such.
 
     :raises ValidationError: the value can't be represented as JSON.
     """
@@ -120,8 +124,21 @@ def _check_value(value: Any, field: str, depth: int) -> None:
         if not math.isfinite(value):
             raise ValidationError(field, f"{value!r} is not a finite number (JSON has no NaN)")
         return
-    if depth >= MAX_DEPTH:
-        raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        if id(value) in parents:
+            raise ValidationError(field, "contains itself (a reference cycle)")
+        if depth >= MAX_DEPTH:
+            raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels")
+        parents.append(id(value))
+        try:
+            _check_container(value, field, depth, parents)
+        finally:
+            parents.pop()
+        return
+    _check_scalar(value, field)
+
+
+def _check_container(value: Any, field: str, depth: int, parents: list[int]) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -134,12 +151,13 @@ def _check_value(value: Any, field: str, depth: int) -> None:
                         f"{field}[{key!r}]", f"key of type {type(key).__name__} is not a string"
                     )
                 key = str(key)
-            _check_value(item, f"{field}.{key}", depth + 1)
-        return
-    if isinstance(value, (list, tuple, set, frozenset)):
+            _check_value(item, f"{field}.{key}", depth + 1, parents)
+    else:
         for index, item in enumerate(value):
-            _check_value(item, f"{field}[{index}]", depth + 1)
-        return
+            _check_value(item, f"{field}[{index}]", depth + 1, parents)
+
+
+def _check_scalar(value: Any, field: str) -> None:
     if isinstance(value, _SCALARS):  # subclasses of str/int/float
         if isinstance(value, float) and not math.isfinite(value):
             raise ValidationError(field, f"{value!r} is not a finite number (JSON has no NaN)")
@@ -160,7 +178,7 @@ def _check_dict(value: Any, field: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a dict, got {type(value).__name__}")
-    _check_value(value, field, 1)
+    _check_value(value, field, 1, [])
     return value if isinstance(value, dict) else dict(value)
 
 

@@ -43,6 +43,9 @@ __all__ = ["Flusher"]
 
 logger = logging.getLogger("durable_analytics")
 
+# The server decides how long to wait after a 429/503, up to this: a broken or hostile header
+# must not park the flusher for a day.
+MAX_RETRY_AFTER = 300.0
 # How often flush() re-checks the queue when another process is the one shipping from it.
 _POLL = 0.05
 
@@ -289,9 +292,7 @@ class Flusher:
         except SendFailed as exc:
             self._last_failure = str(exc)
             return classify(None, timed_out=exc.timed_out), None, None
-        retry_after = parse_retry_after(
-            _header(response.headers, "retry-after"), self.config.retry_max_delay
-        )
+        retry_after = parse_retry_after(_header(response.headers, "retry-after"), MAX_RETRY_AFTER)
         self._last_failure = f"HTTP {response.status}"
         return classify(response.status), response.status, retry_after
 

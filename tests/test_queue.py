@@ -1,0 +1,203 @@
+"""The durable SQLite queue: on-disk layout, ordering, cap, depth, acknowledgement, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from durable_analytics.errors import (
+    QueueMismatchError,
+    SchemaTooNewError,
+    UnsafePathError,
+)
+from durable_analytics.events import EncodedEvent
+from durable_analytics.queue import SQLiteQueue
+
+
+def event(n: int, size: int = 0) -> EncodedEvent:
+    payload = json.dumps({"event": "e", "event_id": f"m{n}", "n": n, "pad": "x" * size})
+    return EncodedEvent(f"m{n}", "track", "e", f"user{n}", "2026-11-24T12:00:00.000Z", payload)
+
+
+@pytest.fixture
+def queue(queue_dir: Path) -> SQLiteQueue:
+    q = SQLiteQueue(queue_dir, "app")
+    yield q
+    q.close()
+
+
+def test_append_is_committed_and_visible_to_another_connection(queue: SQLiteQueue) -> None:
+    """An appended event is readable at once by an unrelated connection (the sqlite3 shell)."""
+    queue.append(event(1), max_size=100)
+    with sqlite3.connect(queue.path) as other:
+        rows = other.execute(
+            "SELECT message_id, type, event, distinct_id, created_at, attempts, "
+            "json_extract(payload, '$.n') FROM events"
+        ).fetchall()
+    assert rows == [("m1", "track", "e", "user1", "2026-11-24T12:00:00.000Z", 0, 1)]
+
+
+def test_schema_is_readable_with_plain_sqlite(queue: SQLiteQueue) -> None:
+    """events and dead_letter carry the columns SPEC promises, and the file is in WAL mode."""
+    with sqlite3.connect(queue.path) as other:
+        events = [r[1] for r in other.execute("PRAGMA table_info(events)")]
+        dead = [r[1] for r in other.execute("PRAGMA table_info(dead_letter)")]
+        mode = other.execute("PRAGMA journal_mode").fetchone()[0]
+    expected = ["id", "message_id", "type", "event", "distinct_id", "created_at", "attempts",
+                "payload"]
+    assert events == expected
+    assert dead[: len(expected)] == expected
+    assert {"reason", "status_code", "failed_at"} <= set(dead)
+    assert mode == "wal"
+
+
+def test_permissions_are_private(queue: SQLiteQueue) -> None:
+    """The directory is 0700 and every file in it 0600: events hold personal data."""
+    queue.append(event(1), max_size=10)
+    assert stat.S_IMODE(os.stat(queue.directory).st_mode) == 0o700
+    for path in queue.directory.iterdir():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_ids_are_never_reused_after_the_queue_empties(queue: SQLiteQueue) -> None:
+    """AUTOINCREMENT: once the table empties, new ids still go up, so old acks can't hit them."""
+    for n in range(3):
+        queue.append(event(n), max_size=10)
+    batch = queue.read_batch(10, 10_000)
+    queue.delete([e.id for e in batch])
+    assert queue.depth() == 0
+    queue.append(event(9), max_size=10)
+    (fresh,) = queue.read_batch(10, 10_000)
+    assert fresh.id > max(e.id for e in batch)
+
+
+def test_cap_drops_oldest_in_the_same_transaction(queue: SQLiteQueue) -> None:
+    """Past max_size the oldest rows go first; append reports how many it dropped."""
+    dropped = [queue.append(event(n), max_size=5) for n in range(8)]
+    assert dropped == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert queue.depth() == 5
+    assert [e.message_id for e in queue.read_batch(100, 10**6)] == ["m3", "m4", "m5", "m6", "m7"]
+
+
+def test_depth_is_shared_and_survives_hand_edits(queue_dir: Path) -> None:
+    """Depth counts other handles' rows, and stays right after a DELETE in the sqlite3 shell."""
+    first = SQLiteQueue(queue_dir, "app")
+    second = SQLiteQueue(queue_dir, "app")
+    try:
+        for n in range(4):
+            first.append(event(n), max_size=100)
+        second.append(event(10), max_size=100)
+        assert first.depth() == second.depth() == 5
+        with sqlite3.connect(first.path) as shell:
+            shell.execute("DELETE FROM events WHERE message_id = 'm1'")
+        assert first.depth() == 4
+    finally:
+        first.close()
+        second.close()
+
+
+def test_read_batch_is_bounded_by_count_and_bytes(queue: SQLiteQueue) -> None:
+    """A batch is oldest first, at most max_count events and max_bytes of payload."""
+    for n in range(10):
+        queue.append(event(n, size=100), max_size=100)
+    assert [e.message_id for e in queue.read_batch(3, 10**6)] == ["m0", "m1", "m2"]
+    size = len(event(0, size=100).payload) + 1
+    assert len(queue.read_batch(100, size * 4 + 1)) == 4
+
+
+def test_read_batch_returns_one_event_even_if_it_alone_exceeds_max_bytes(
+    queue: SQLiteQueue,
+) -> None:
+    """A large event must still be sendable on its own, or it would block the queue forever."""
+    queue.append(event(1, size=5000), max_size=100)
+    assert len(queue.read_batch(100, 10)) == 1
+
+
+def test_delete_removes_exactly_the_acknowledged_ids(queue: SQLiteQueue) -> None:
+    """Only the ids given are deleted; rows added meanwhile survive."""
+    for n in range(3):
+        queue.append(event(n), max_size=100)
+    batch = queue.read_batch(2, 10**6)
+    queue.append(event(3), max_size=100)
+    assert queue.delete([e.id for e in batch]) == 2
+    assert [e.message_id for e in queue.read_batch(10, 10**6)] == ["m2", "m3"]
+
+
+def test_dead_letter_keeps_the_event_with_reason_and_status(queue: SQLiteQueue) -> None:
+    """Refused events move to dead_letter with why, and leave the pending queue."""
+    queue.append(event(1), max_size=100)
+    queue.append(event(2), max_size=100)
+    first = queue.read_batch(1, 10**6)
+    queue.add_attempt([first[0].id])
+    assert queue.move_to_dead_letter([first[0].id], "rejected_400", 400) == 1
+    assert queue.depth() == 1
+    (letter,) = list(queue.dead_letters())
+    assert (letter.message_id, letter.reason, letter.status_code, letter.attempts) == (
+        "m1", "rejected_400", 400, 1)
+    assert json.loads(letter.payload)["n"] == 1
+    assert queue.replay_dead_letters([letter.id]) == 1
+    assert queue.dead_letter_count() == 0
+    assert [e.message_id for e in queue.read_batch(10, 10**6)] == ["m2", "m1"]
+
+
+def test_queue_refuses_another_app_id(queue_dir: Path) -> None:
+    """A directory created for one app_id is never silently shared with another."""
+    SQLiteQueue(queue_dir, "app-one").close()
+    with pytest.raises(QueueMismatchError, match="app-one"):
+        SQLiteQueue(queue_dir, "app-two")
+
+
+def test_newer_schema_is_refused_and_left_untouched(queue_dir: Path) -> None:
+    """A file from a newer library version is not migrated or modified."""
+    SQLiteQueue(queue_dir, "app").close()
+    db = queue_dir / "queue.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    before = db.read_bytes()
+    with pytest.raises(SchemaTooNewError, match="99"):
+        SQLiteQueue(queue_dir, "app")
+    assert db.read_bytes() == before
+
+
+def test_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    """A queue directory that is a symlink (maybe planted by another user) is refused."""
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "queue"
+    link.symlink_to(target)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        SQLiteQueue(link, "app")
+    assert list(target.iterdir()) == []
+
+
+def test_symlinked_database_is_refused_and_victim_untouched(queue_dir: Path, tmp_path: Path) -> None:
+    """queue.db as a symlink to a victim file: refused, the victim's bytes unchanged."""
+    queue_dir.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (queue_dir / "queue.db").symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        SQLiteQueue(queue_dir, "app")
+    assert victim.read_text() == "precious"
+
+
+def test_world_writable_directory_is_refused(queue_dir: Path) -> None:
+    """A group/world-writable queue directory is refused, not chmodded."""
+    queue_dir.mkdir()
+    os.chmod(queue_dir, 0o777)
+    with pytest.raises(UnsafePathError, match="writable by group or others"):
+        SQLiteQueue(queue_dir, "app")
+    assert stat.S_IMODE(os.stat(queue_dir).st_mode) == 0o777
+
+
+def test_hard_linked_database_is_refused(queue_dir: Path, tmp_path: Path) -> None:
+    """Two names for one SQLite file would get two journals: refused."""
+    SQLiteQueue(queue_dir, "app").close()
+    os.link(queue_dir / "queue.db", tmp_path / "second-name.db")
+    with pytest.raises(UnsafePathError, match="hard links"):
+        SQLiteQueue(queue_dir, "app")
