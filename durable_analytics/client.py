@@ -47,6 +47,9 @@ ErrorListener = Callable[[DurableAnalyticsError], object]
 
 _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 
+# Seconds between two warnings about the same ongoing condition (a full queue).
+_LOG_INTERVAL = 10.0
+
 
 class ConsentState:
     """The consent a client applies to every event it records (not per user).
@@ -136,12 +139,20 @@ class Analytics:
         self._closed = False
         self._storage_failing = False
         self._pending_local = 0
+        self._trimmed_unlogged = 0
+        self._trimmed_logged_at = -_LOG_INTERVAL
         self._shutdown_lock = threading.Lock()
         if config.persistence_dir is None:
             # The shared root in the temp dir must be ours too, or another user could swap
             # our app directory out from under us.
             ensure_private_dir(default_persistence_dir(config.app_id).parent)
-        self._queue = SQLiteQueue(config.queue_dir, config.app_id, durability=config.durability)
+        self._queue = SQLiteQueue(
+            config.queue_dir,
+            config.app_id,
+            durability=config.durability,
+            max_size=config.max_queue_size,
+            writer_checkpoints=not config.send,
+        )
         self._builder = EventBuilder(
             app_id=config.app_id,
             session_id=self._session_id,
@@ -448,7 +459,7 @@ class Analytics:
     def _enqueue(self, encoded: EncodedEvent) -> None:
         config = self.config
         try:
-            trimmed = self._queue.append(encoded, config.max_queue_size)
+            trimmed = self._queue.append(encoded)
         except StorageError as exc:
             self._stats.drop("storage_error")
             self._stats.record_error(exc)
@@ -463,17 +474,28 @@ class Analytics:
         self._stats.add("enqueued")
         if trimmed:
             self._stats.drop("queue_full", trimmed)
-            logger.warning(
-                "durable_analytics: queue full (max_queue_size=%d): dropped %d oldest event(s)",
-                config.max_queue_size,
-                trimmed,
-            )
+            self._warn_trimmed(trimmed)
         if config.send and not self._closed:
             self._flusher.ensure_started()
             self._pending_local += 1
             if self._pending_local >= config.flush_threshold:
                 self._pending_local = 0
                 self._flusher.wake()
+
+    def _warn_trimmed(self, trimmed: int) -> None:
+        # At most one warning per interval: a full queue trims on every track(), and one
+        # log line per event would flood the host's logs.
+        self._trimmed_unlogged += trimmed
+        now = time.monotonic()
+        if now - self._trimmed_logged_at >= _LOG_INTERVAL:
+            logger.warning(
+                "durable_analytics: queue full (max_queue_size=%d): dropped the %d oldest "
+                "event(s) since the last warning; see stats()['dropped']['queue_full']",
+                self.config.max_queue_size,
+                self._trimmed_unlogged,
+            )
+            self._trimmed_logged_at = now
+            self._trimmed_unlogged = 0
 
     # --- consent, session, inspection -------------------------------------------------------
 

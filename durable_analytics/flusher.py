@@ -46,6 +46,12 @@ logger = logging.getLogger("durable_analytics")
 # The server decides how long to wait after a 429/503, up to this: a broken or hostile header
 # must not park the flusher for a day.
 MAX_RETRY_AFTER = 300.0
+# How long a partial batch may wait for more events after a threshold wake-up.
+_LINGER = 0.05
+# WAL size past which the flusher checkpoints on its next wake-up.
+_WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+# Seconds between two compactions (checkpoint-truncate plus incremental vacuum) of an empty queue.
+_COMPACT_EVERY = 1.0
 # How often flush() re-checks the queue when another process is the one shipping from it.
 _POLL = 0.05
 
@@ -122,6 +128,8 @@ class Flusher:
         self._backoff_until = 0.0
         self._server_until = 0.0
         self._urgent = False
+        self._interval_due = False
+        self._compacted_at = 0.0
         self._failures = 0
         self._failing_since: float | None = None
 
@@ -197,10 +205,15 @@ class Flusher:
             now = time.monotonic()
             hold = max(self._server_until, 0.0 if self._urgent else self._backoff_until)
             wait = self.config.flush_interval if hold <= now else hold - now
-            self._wake.wait(wait)
+            # A timeout (no wake-up) means the flush interval is due: send partial batches.
+            self._interval_due = not self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 break
+            if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
+                # Writers leave checkpoints to us; do it even while backing off, or a long
+                # outage would let the WAL grow with every track().
+                self.queue.checkpoint()
             now = time.monotonic()
             if now < self._server_until or (now < self._backoff_until and not self._urgent):
                 continue
@@ -240,24 +253,44 @@ class Flusher:
             thread_lock.release()
 
     def _drain(self) -> None:
-        """Send batches until the queue is empty or a send fails."""
+        """Send batches until the queue is empty or a send fails.
+
+        Full batches go at once. A partial batch woken by the threshold lingers up to
+        ``_LINGER`` seconds for more events: during a burst that turns many small requests
+        into few full ones (per-request overhead dominates the flusher's cost), and analytics
+        can afford the 50 ms. ``flush()``, shutdown and the interval timer don't linger.
+        """
         with self._elected() as elected:
             if not elected:
                 return
             sent_any = False
+            linger_until: float | None = None
             while not self._stop.is_set() or self._urgent:
                 batch = self.queue.read_batch(
                     self.config.max_batch_size, self.config.max_batch_bytes
                 )
                 if not batch:
                     break
+                if len(batch) < self.config.max_batch_size and not (
+                    self._urgent or self._interval_due
+                ):
+                    now = time.monotonic()
+                    if linger_until is None:
+                        linger_until = now + min(_LINGER, self.config.flush_interval)
+                    if now < linger_until:
+                        self._wake.wait(linger_until - now)
+                        self._wake.clear()
+                        continue
+                linger_until = None
                 ok = self._ship(batch)
                 sent_any = True
                 with self._progress:
                     self._progress.notify_all()
                 if not ok:
                     return
-            if sent_any:
+            now = time.monotonic()
+            if sent_any and now - self._compacted_at > _COMPACT_EVERY and not self.queue.head():
+                self._compacted_at = now
                 self.queue.compact()
 
     def _ship(self, batch: Sequence[QueuedEvent]) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def event(n: int, size: int = 0) -> EncodedEvent:
 
 
 @pytest.fixture
-def queue(queue_dir: Path) -> SQLiteQueue:
+def queue(queue_dir: Path) -> Iterator[SQLiteQueue]:
     q = SQLiteQueue(queue_dir, "app")
     yield q
     q.close()
@@ -33,7 +34,7 @@ def queue(queue_dir: Path) -> SQLiteQueue:
 
 def test_append_is_committed_and_visible_to_another_connection(queue: SQLiteQueue) -> None:
     """An appended event is readable at once by an unrelated connection (the sqlite3 shell)."""
-    queue.append(event(1), max_size=100)
+    queue.append(event(1))
     with sqlite3.connect(queue.path) as other:
         rows = other.execute(
             "SELECT message_id, type, event, distinct_id, created_at, attempts, "
@@ -58,7 +59,7 @@ def test_schema_is_readable_with_plain_sqlite(queue: SQLiteQueue) -> None:
 
 def test_permissions_are_private(queue: SQLiteQueue) -> None:
     """The directory is 0700 and every file in it 0600: events hold personal data."""
-    queue.append(event(1), max_size=10)
+    queue.append(event(1))
     assert stat.S_IMODE(os.stat(queue.directory).st_mode) == 0o700
     for path in queue.directory.iterdir():
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
@@ -67,18 +68,20 @@ def test_permissions_are_private(queue: SQLiteQueue) -> None:
 def test_ids_are_never_reused_after_the_queue_empties(queue: SQLiteQueue) -> None:
     """AUTOINCREMENT: once the table empties, new ids still go up, so old acks can't hit them."""
     for n in range(3):
-        queue.append(event(n), max_size=10)
+        queue.append(event(n))
     batch = queue.read_batch(10, 10_000)
     queue.delete([e.id for e in batch])
     assert queue.depth() == 0
-    queue.append(event(9), max_size=10)
+    queue.append(event(9))
     (fresh,) = queue.read_batch(10, 10_000)
     assert fresh.id > max(e.id for e in batch)
 
 
 def test_cap_drops_oldest_in_the_same_transaction(queue: SQLiteQueue) -> None:
     """Past max_size the oldest rows go first; append reports how many it dropped."""
-    dropped = [queue.append(event(n), max_size=5) for n in range(8)]
+    capped = SQLiteQueue(queue.directory, "app", max_size=5)
+    dropped = [capped.append(event(n)) for n in range(8)]
+    capped.close()
     assert dropped == [0, 0, 0, 0, 0, 1, 1, 1]
     assert queue.depth() == 5
     assert [e.message_id for e in queue.read_batch(100, 10**6)] == ["m3", "m4", "m5", "m6", "m7"]
@@ -90,8 +93,8 @@ def test_depth_is_shared_and_survives_hand_edits(queue_dir: Path) -> None:
     second = SQLiteQueue(queue_dir, "app")
     try:
         for n in range(4):
-            first.append(event(n), max_size=100)
-        second.append(event(10), max_size=100)
+            first.append(event(n))
+        second.append(event(10))
         assert first.depth() == second.depth() == 5
         with sqlite3.connect(first.path) as shell:
             shell.execute("DELETE FROM events WHERE message_id = 'm1'")
@@ -104,7 +107,7 @@ def test_depth_is_shared_and_survives_hand_edits(queue_dir: Path) -> None:
 def test_read_batch_is_bounded_by_count_and_bytes(queue: SQLiteQueue) -> None:
     """A batch is oldest first, at most max_count events and max_bytes of payload."""
     for n in range(10):
-        queue.append(event(n, size=100), max_size=100)
+        queue.append(event(n, size=100))
     assert [e.message_id for e in queue.read_batch(3, 10**6)] == ["m0", "m1", "m2"]
     size = len(event(0, size=100).payload) + 1
     assert len(queue.read_batch(100, size * 4 + 1)) == 4
@@ -114,24 +117,24 @@ def test_read_batch_returns_one_event_even_if_it_alone_exceeds_max_bytes(
     queue: SQLiteQueue,
 ) -> None:
     """A large event must still be sendable on its own, or it would block the queue forever."""
-    queue.append(event(1, size=5000), max_size=100)
+    queue.append(event(1, size=5000))
     assert len(queue.read_batch(100, 10)) == 1
 
 
 def test_delete_removes_exactly_the_acknowledged_ids(queue: SQLiteQueue) -> None:
     """Only the ids given are deleted; rows added meanwhile survive."""
     for n in range(3):
-        queue.append(event(n), max_size=100)
+        queue.append(event(n))
     batch = queue.read_batch(2, 10**6)
-    queue.append(event(3), max_size=100)
+    queue.append(event(3))
     assert queue.delete([e.id for e in batch]) == 2
     assert [e.message_id for e in queue.read_batch(10, 10**6)] == ["m2", "m3"]
 
 
 def test_dead_letter_keeps_the_event_with_reason_and_status(queue: SQLiteQueue) -> None:
     """Refused events move to dead_letter with why, and leave the pending queue."""
-    queue.append(event(1), max_size=100)
-    queue.append(event(2), max_size=100)
+    queue.append(event(1))
+    queue.append(event(2))
     first = queue.read_batch(1, 10**6)
     queue.add_attempt([first[0].id])
     assert queue.move_to_dead_letter([first[0].id], "rejected_400", 400) == 1
@@ -201,3 +204,52 @@ def test_hard_linked_database_is_refused(queue_dir: Path, tmp_path: Path) -> Non
     os.link(queue_dir / "queue.db", tmp_path / "second-name.db")
     with pytest.raises(UnsafePathError, match="hard links"):
         SQLiteQueue(queue_dir, "app")
+
+
+def test_group_commit_persists_every_event_from_many_threads(queue: SQLiteQueue) -> None:
+    """32 threads appending at once: every event is committed exactly once, none lost."""
+    import threading
+
+    def work(t: int) -> None:
+        for n in range(100):
+            queue.append(event(t * 1000 + n))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with sqlite3.connect(queue.path) as other:
+        ids = [m for (m,) in other.execute("SELECT message_id FROM events")]
+    assert sorted(ids) == sorted(f"m{t * 1000 + n}" for t in range(32) for n in range(100))
+    assert queue.depth() == 3200
+
+
+def test_a_failed_group_commit_reaches_every_caller_in_it(queue: SQLiteQueue) -> None:
+    """If the transaction fails, each caller whose event was in it gets the error."""
+    import threading
+
+    from durable_analytics.errors import StorageError
+
+    queue.append(event(0))
+    errors: list[BaseException] = []
+    with sqlite3.connect(queue.path, isolation_level=None, timeout=0) as blocker:
+        queue.busy_timeout = 0.01
+        queue.close()  # reopen with the short busy timeout
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+        def work(n: int) -> None:
+            try:
+                queue.append(event(n))
+            except StorageError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(1, 5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        blocker.execute("ROLLBACK")
+    assert len(errors) == 4
+    assert all("locked" in str(e) for e in errors)
+    assert queue.depth() == 1
