@@ -271,16 +271,14 @@ class Flusher:
                 )
                 if not batch:
                     break
-                if len(batch) < self.config.max_batch_size and not (
-                    self._urgent or self._interval_due
+                if (
+                    len(batch) < self.config.max_batch_size
+                    and not (self._urgent or self._interval_due)
+                    and linger_until is None
                 ):
-                    now = time.monotonic()
-                    if linger_until is None:
-                        linger_until = now + min(_LINGER, self.config.flush_interval)
-                    if now < linger_until:
-                        self._wake.wait(linger_until - now)
-                        self._wake.clear()
-                        continue
+                    linger_until = time.monotonic() + min(_LINGER, self.config.flush_interval)
+                    self._linger(linger_until)
+                    continue
                 linger_until = None
                 ok = self._ship(batch)
                 sent_any = True
@@ -292,6 +290,15 @@ class Flusher:
             if sent_any and now - self._compacted_at > _COMPACT_EVERY and not self.queue.head():
                 self._compacted_at = now
                 self.queue.compact()
+
+    def _linger(self, until: float) -> None:
+        """Wait until ``until``, a full batch is queued, or someone wants a flush now."""
+        while not (self._urgent or self._stop.is_set()):
+            remaining = until - time.monotonic()
+            if remaining <= 0 or self.queue.depth() >= self.config.max_batch_size:
+                return
+            self._wake.wait(remaining)
+            self._wake.clear()
 
     def _ship(self, batch: Sequence[QueuedEvent]) -> bool:
         """Send one batch, splitting on 400/413/422; False means: back off before the next."""
