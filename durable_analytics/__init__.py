@@ -6,7 +6,13 @@ queue sends it. See README.md and docs/.
 
 from ._version import __version__
 from .client import Analytics, ConsentState, ErrorListener
-from .context import analytics_context, get_context, track_server_action, track_server_page_view
+from .context import (
+    analytics_context,
+    get_context,
+    track_server_action,
+    track_server_page_view,
+    with_analytics_context,
+)
 from .errors import DurableAnalyticsError, ValidationError
 from .queue import SQLiteQueue
 from .transport import HTTPTransport, InMemoryTransport, Transport, TransportResponse
@@ -27,4 +33,5 @@ __all__ = [
     "get_context",
     "track_server_action",
     "track_server_page_view",
+    "with_analytics_context",
 ]
