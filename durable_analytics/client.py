@@ -5,6 +5,28 @@ then returns its ``message_id``. Bad arguments raise `ValidationError` (nothing 
 touched); infrastructure faults (disk full, read-only, locked) never raise into the caller:
 they are counted in ``stats()['dropped']['storage_error']``, logged, and reported once per
 streak to the error listeners.
+
+Why a counted drop and not an in-memory spill while the disk is full or read-only: the
+promise is "on disk when `track()` returns". A spill would return for events that die with
+the process, the very loss this library exists to prevent, only silent; a full disk is the
+host's problem and must be visible. So the event is dropped, counted under a named reason,
+logged and reported once per streak (not per event), and the queue is used again as soon
+as it accepts writes; what was already on disk is untouched.
+
+What `track()` absorbs, and its time bound:
+
+- A queue locked by another process (``SQLITE_BUSY``): SQLite's busy handler waits up to
+  ``busy_timeout`` (5 s), then `track()` retries with jitter for up to 0.25 s more before
+  counting the drop. Busy errors that skip the handler (another process recovering the WAL
+  after a crash) are absorbed by that retry.
+- A damaged queue file: moved aside (kept), a fresh queue started, the event written there.
+- A queue file deleted by a temp cleaner: noticed on the next write, which goes to a new
+  file; the events that were pending in the deleted one are counted as ``file_lost``.
+- A directory that can't be written at startup (read-only, full): the client starts anyway;
+  events are counted as dropped until opening succeeds (retried at most once a second).
+
+Unsafe paths (symlinks, foreign owners, loose modes, network filesystems), another app's
+queue and a newer schema still raise from the constructor: they need a configuration change.
 """
 
 from __future__ import annotations
@@ -14,6 +36,7 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -29,7 +52,11 @@ from .config import Config, default_persistence_dir
 from .errors import (
     DurableAnalyticsError,
     EventTooLargeError,
+    QueueCorruptError,
+    QueueReplacedError,
+    StorageBusyError,
     StorageError,
+    StorageUnavailableError,
     ValidationError,
 )
 from .events import EVENT_NAMES, EncodedEvent, EventBuilder
@@ -49,6 +76,8 @@ _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 
 # Seconds between two warnings about the same ongoing condition (a full queue).
 _LOG_INTERVAL = 10.0
+# After SQLite's busy_timeout, how much longer track() retries a locked queue (with jitter).
+_BUSY_RETRY_BUDGET = 0.25
 
 
 class ConsentState:
@@ -89,7 +118,8 @@ class Analytics:
 
     :raises ConfigurationError: an option is invalid (the message names it).
     :raises TypeError: an option name is unknown.
-    :raises UnsafePathError: the queue directory or a file in it is unsafe to use.
+    :raises UnsafePathError: the queue directory or a file in it is unsafe to use (a
+        symlink, another user's, group/world-writable; `NetworkFilesystemError` for NFS/SMB).
     :raises QueueMismatchError: the directory holds another app's queue.
     :raises SchemaTooNewError: the queue was written by a newer durable_analytics.
     """
@@ -138,6 +168,7 @@ class Analytics:
         self._stats = Stats()
         self._closed = False
         self._storage_failing = False
+        self._storage_lock = threading.Lock()
         self._pending_local = 0
         self._trimmed_unlogged = 0
         self._trimmed_logged_at = -_LOG_INTERVAL
@@ -145,13 +176,16 @@ class Analytics:
         if config.persistence_dir is None:
             # The shared root in the temp dir must be ours too, or another user could swap
             # our app directory out from under us.
-            ensure_private_dir(default_persistence_dir(config.app_id).parent)
+            with contextlib.suppress(StorageUnavailableError):
+                # A read-only or full temp dir: the queue's own open reports it and retries.
+                ensure_private_dir(default_persistence_dir(config.app_id).parent)
         self._queue = SQLiteQueue(
             config.queue_dir,
             config.app_id,
             durability=config.durability,
             max_size=config.max_queue_size,
             writer_checkpoints=not config.send,
+            self_heal=True,
         )
         self._builder = EventBuilder(
             app_id=config.app_id,
@@ -177,9 +211,19 @@ class Analytics:
             self._report,
             name=f"durable-analytics-flusher[{config.app_id}]",
         )
+        self._flusher.on_incidents = self._report_incidents
         _LIVE.add(self)
         signals.register(self, install_handlers=config.handle_signals)
-        if config.send and self._queue.depth() > 0:
+        self._report_incidents()
+        unavailable = self._queue.unavailable
+        if unavailable is not None:
+            self._storage_failed(unavailable, None)
+        try:
+            backlog = self._queue.depth() if config.send and unavailable is None else 0
+        except StorageError as exc:
+            self._storage_failed(exc, None)
+            backlog = 0
+        if backlog > 0:
             # A previous process left events behind: ship them without waiting for a track().
             self._flusher.ensure_started()
             self._flusher.wake()
@@ -459,18 +503,15 @@ class Analytics:
     def _enqueue(self, encoded: EncodedEvent) -> None:
         config = self.config
         try:
-            trimmed = self._queue.append(encoded)
+            trimmed = self._append(encoded)
         except StorageError as exc:
-            self._stats.drop("storage_error")
-            self._stats.record_error(exc)
-            if not self._storage_failing:
-                self._storage_failing = True
-                logger.error("durable_analytics: event not stored: %s", exc)
-                self._report(_with_events(exc, encoded))
+            self._storage_failed(exc, encoded)
             return
+        finally:
+            if self._queue.incidents:
+                self._report_incidents()
         if self._storage_failing:
-            self._storage_failing = False
-            logger.warning("durable_analytics: the queue accepts events again")
+            self._storage_recovered()
         self._stats.add("enqueued")
         if trimmed:
             self._stats.drop("queue_full", trimmed)
@@ -481,6 +522,78 @@ class Analytics:
             if self._pending_local >= config.flush_threshold:
                 self._pending_local = 0
                 self._flusher.wake()
+
+    def _append(self, encoded: EncodedEvent) -> int:
+        """`SQLiteQueue.append`, absorbing a locked or damaged queue (module docstring).
+
+        :raises StorageError: still failing; the caller counts the drop.
+        """
+        try:
+            return self._queue.append(encoded)
+        except StorageBusyError:
+            deadline = time.monotonic() + _BUSY_RETRY_BUDGET
+            delay = 0.005
+            while True:
+                # Full jitter: processes that collided must not retry in lockstep.
+                time.sleep(min(random.uniform(0, delay), max(0.0, deadline - time.monotonic())))
+                try:
+                    return self._queue.append(encoded)
+                except StorageBusyError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    delay = min(delay * 2, 0.1)
+        except QueueCorruptError as exc:
+            logger.error("durable_analytics: %s; moving it aside", exc)
+            self._queue.quarantine(exc)
+            return self._queue.append(encoded)
+
+    def _storage_failed(self, exc: StorageError, encoded: EncodedEvent | None) -> None:
+        """Count the drop; log and report only the first failure of a streak."""
+        if encoded is not None:
+            self._stats.drop("storage_error")
+        self._stats.record_error(exc)
+        with self._storage_lock:
+            first = not self._storage_failing
+            self._storage_failing = True
+        if first:
+            logger.error(
+                "durable_analytics: events can't be stored (%s); they are counted in "
+                "stats()['dropped']['storage_error'] until the queue accepts writes again",
+                exc,
+            )
+            self._report(exc if encoded is None else _with_events(exc, encoded))
+
+    def _storage_recovered(self) -> None:
+        with self._storage_lock:
+            was_failing = self._storage_failing
+            self._storage_failing = False
+        if was_failing:
+            logger.warning("durable_analytics: the queue accepts events again")
+
+    def _report_incidents(self) -> None:
+        """Count, log and report what the queue recovered from (`SQLiteQueue.incidents`)."""
+        incidents = self._queue.incidents
+        while incidents:
+            try:
+                incident = incidents.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if isinstance(incident, QueueCorruptError):
+                self._stats.add("quarantined")
+                logger.error(
+                    "durable_analytics: %s; moved aside to %s (kept for inspection, mode "
+                    "0600) and started a fresh queue",
+                    incident,
+                    incident.quarantined_to,
+                )
+            elif isinstance(incident, QueueReplacedError):
+                if incident.lost:
+                    self._stats.drop("file_lost", incident.lost)
+                logger.error("durable_analytics: %s", incident)
+            else:
+                logger.error("durable_analytics: %s", incident)
+            self._stats.record_error(incident)
+            self._report(incident)
 
     def _warn_trimmed(self, trimmed: int) -> None:
         # At most one warning per interval: a full queue trims on every track(), and one
@@ -564,9 +677,14 @@ class Analytics:
         moved to ``dead_letter``), False if ``timeout`` seconds passed first or sending is
         off (``send=False``). Events not yet delivered stay on disk either way.
         """
-        if not self.config.send:
-            return self._queue.depth() == 0
-        return self._flusher.flush(timeout)
+        try:
+            if not self.config.send:
+                return self._queue.depth() == 0
+            return self._flusher.flush(timeout)
+        except StorageError as exc:
+            # The queue can't be read (disk gone read-only, ...): nothing we can promise.
+            self._storage_failed(exc, None)
+            return False
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Final flush bounded by ``timeout`` (default ``shutdown_timeout``), then stop.
@@ -577,11 +695,11 @@ class Analytics:
         """
         with self._shutdown_lock:
             if self._closed:
-                return self._queue.depth() == 0
+                return self._empty()
             self._closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
-        delivered = self.flush(budget) if self.config.send else self._queue.depth() == 0
+        delivered = self.flush(budget) if self.config.send else self._empty()
         self._flusher.stop(max(0.0, deadline - time.monotonic()))
         self._transport.close()
         self._queue.close()
@@ -589,6 +707,12 @@ class Analytics:
         return delivered
 
     close = shutdown
+
+    def _empty(self) -> bool:
+        try:
+            return self._queue.depth() == 0
+        except StorageError:
+            return False
 
     def __enter__(self) -> Analytics:
         return self
@@ -604,10 +728,14 @@ class Analytics:
     # --- fork ----------------------------------------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
+        # The parent's connections were closed before the fork (queue.py); anything left is
+        # abandoned, never closed. The flusher thread does not exist here: the next track()
+        # or flush() starts this process's own, with its own HTTP session and flush lock.
         self._queue.after_fork()
         self._flusher.after_fork()
         self._stats.reset_after_fork()
         self._shutdown_lock = threading.Lock()
+        self._storage_lock = threading.Lock()
         self._pending_local = 0
 
 

@@ -9,10 +9,13 @@
     ├── ClosedError                          the client was shut down
     ├── StorageError                         the on-disk queue cannot be used
     │   ├── UnsafePathError                  symlink, foreign owner or loose permissions
+    │   │   └── NetworkFilesystemError       the directory is on NFS/SMB/...: WAL would corrupt
     │   ├── QueueMismatchError               the queue belongs to another app_id
     │   ├── SchemaTooNewError                written by a newer durable_analytics
-    │   ├── QueueCorruptError                the file failed its integrity check
+    │   ├── QueueCorruptError                the file failed its integrity check; moved aside
+    │   ├── QueueReplacedError               the file was deleted or replaced while in use
     │   └── StorageUnavailableError          disk full, read-only, locked too long
+    │       └── StorageBusyError             locked by another connection past busy_timeout
     └── DeliveryError                        a batch could not be delivered (listeners only)
         ├── RetryableDeliveryError           network error, timeout, 408, 429, 5xx
         ├── AuthenticationError              401/403: events kept on disk
@@ -40,11 +43,14 @@ __all__ = [
     "DeliveryError",
     "DurableAnalyticsError",
     "EventTooLargeError",
+    "NetworkFilesystemError",
     "QueueCorruptError",
     "QueueMismatchError",
+    "QueueReplacedError",
     "RejectedError",
     "RetryableDeliveryError",
     "SchemaTooNewError",
+    "StorageBusyError",
     "StorageError",
     "StorageUnavailableError",
     "UnsafePathError",
@@ -97,7 +103,21 @@ class StorageError(DurableAnalyticsError):
 
 
 class UnsafePathError(StorageError):
-    """A queue path is a symlink, owned by another user, or readable by others."""
+    """A queue path is a symlink, owned by another user, or writable by group or others."""
+
+
+class NetworkFilesystemError(UnsafePathError):
+    """The queue directory is on a network filesystem (NFS, SMB/CIFS, sshfs, ...).
+
+    SQLite's WAL mode needs shared memory and POSIX locks that work only between processes
+    of one host; over a network filesystem two hosts (or a flaky lock daemon) corrupt the
+    queue. Refused like any other unsafe path: point ``persistence_dir`` at a local disk.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, fstype: str = "") -> None:
+        super().__init__(message, path=path)
+        #: The filesystem type from /proc/mounts, e.g. ``nfs4`` or ``cifs``.
+        self.fstype = fstype
 
 
 class QueueMismatchError(StorageError):
@@ -109,11 +129,44 @@ class SchemaTooNewError(StorageError):
 
 
 class QueueCorruptError(StorageError):
-    """The queue file failed SQLite's integrity check and was moved aside."""
+    """The queue file is damaged (not SQLite, truncated, malformed pages).
+
+    A client moves the file aside together with its ``-wal`` and ``-shm`` (kept, mode 0600,
+    named in ``quarantined_to``) and starts a fresh queue; the events in the damaged file are
+    not delivered but stay on disk for an operator. Raised as is by tools that only read.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        #: Where the damaged file was moved, once it was (None: not moved, or not by us).
+        self.quarantined_to: str | None = None
+
+
+class QueueReplacedError(StorageError):
+    """The queue file was deleted or replaced while this process had it open.
+
+    Typically a temp-directory cleaner. The client notices on its next operation, never
+    writes to the unlinked file again, and opens the file now at the path (a fresh queue if
+    there is none). ``lost`` is how many events were pending in the old file (None when that
+    could not be read); they are counted in ``stats()['dropped']['file_lost']``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, lost: int | None = None) -> None:
+        super().__init__(message, path=path)
+        #: Events pending in the file that disappeared, when known.
+        self.lost = lost
 
 
 class StorageUnavailableError(StorageError):
     """The disk is full or read-only, or the database stayed locked past its timeout."""
+
+
+class StorageBusyError(StorageUnavailableError):
+    """Another connection held the database lock past ``busy_timeout``.
+
+    `track()` retries briefly with jitter before counting the event as dropped
+    (``storage_error``); it never raises this into the caller.
+    """
 
 
 class DeliveryError(DurableAnalyticsError):

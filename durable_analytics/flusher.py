@@ -9,6 +9,12 @@ lock and then a non-blocking `filelock.FileLock` on ``flush.lock`` in the queue 
 the kernel drops that lock when its holder dies, even by SIGKILL, so another process takes
 over at its next wake-up (at most ``flush_interval`` later) and no stale lock file blocks it.
 Writers (`track()`) never touch this lock.
+
+Storage faults on this thread (disk full, read-only, locked, a damaged file) are logged and
+reported once per streak, like `track()`'s, and followed by a backoff; a damaged file is
+moved aside (`SQLiteQueue.quarantine`). A batch the server accepted but whose delete could
+not be written (full disk: even a DELETE needs WAL space) is remembered by id, and the next
+attempt deletes it before sending anything, instead of sending it again.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .config import Config
 from .errors import (
     AuthenticationError,
     DurableAnalyticsError,
+    QueueCorruptError,
     RejectedError,
     RetryableDeliveryError,
     StorageError,
@@ -113,6 +120,8 @@ class Flusher:
         self.stats = stats
         self.report = report
         self.name = name
+        #: Called (on this thread) when `SQLiteQueue.incidents` has something to report.
+        self.on_incidents: Callable[[], None] | None = None
         self._rng = random.Random()
         self._reset_threading_state()
 
@@ -132,6 +141,9 @@ class Flusher:
         self._compacted_at = 0.0
         self._failures = 0
         self._failing_since: float | None = None
+        self._storage_failing = False
+        # Delivered (2xx) but not yet deleted: the delete failed (see the module docstring).
+        self._unacked: list[int] = []
 
     def after_fork(self) -> None:
         """In a forked child: no thread exists here; start a fresh one when next needed."""
@@ -204,7 +216,12 @@ class Flusher:
         while not self._stop.is_set():
             now = time.monotonic()
             hold = max(self._server_until, 0.0 if self._urgent else self._backoff_until)
-            wait = self.config.flush_interval if hold <= now else hold - now
+            if self._failures:
+                # A retry is due at `hold`, even if that moment has already passed: waiting a
+                # whole flush_interval instead would stall flush() callers behind one 5xx.
+                wait = max(0.0, hold - now)
+            else:
+                wait = self.config.flush_interval if hold <= now else hold - now
             # A timeout (no wake-up) means the flush interval is due: send partial batches.
             self._interval_due = not self._wake.wait(wait)
             self._wake.clear()
@@ -213,13 +230,18 @@ class Flusher:
             if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
                 # Writers leave checkpoints to us; do it even while backing off, or a long
                 # outage would let the WAL grow with every track().
-                self.queue.checkpoint()
+                try:
+                    self.queue.checkpoint()
+                except StorageError as exc:  # reported by the drain below, once per streak
+                    logger.debug("durable_analytics: checkpoint skipped: %s", exc)
             now = time.monotonic()
             if now < self._server_until or (now < self._backoff_until and not self._urgent):
                 continue
             self._urgent = False
             try:
                 self._drain()
+            except StorageError as exc:
+                self._storage_trouble(exc)
             except Exception as exc:
                 logger.exception("durable_analytics flusher error (will retry)")
                 self.stats.record_error(exc)
@@ -228,9 +250,42 @@ class Flusher:
                     self.report(exc)
                 else:
                     self.report(StorageError(f"flusher error: {exc!r}"))
+            else:
+                if self._storage_failing:
+                    self._storage_failing = False
+                    logger.warning("durable_analytics: the flusher can use the queue again")
             finally:
+                self._report_incidents()
                 with self._progress:
                     self._progress.notify_all()
+
+    def _storage_trouble(self, exc: StorageError) -> None:
+        """A storage fault while draining: back off; log and report once per streak."""
+        self.stats.record_error(exc)
+        self._back_off(None)
+        if isinstance(exc, QueueCorruptError):
+            logger.error("durable_analytics: %s; moving it aside", exc)
+            try:
+                self.queue.quarantine(exc)
+            except StorageError as again:
+                logger.error("durable_analytics: could not start a fresh queue: %s", again)
+            return  # quarantine() queued an incident: reported by _report_incidents
+        if not self._storage_failing:
+            self._storage_failing = True
+            logger.error(
+                "durable_analytics: the flusher can't use the queue (%s); retrying with backoff",
+                exc,
+            )
+            self.report(exc)
+        else:
+            logger.debug("durable_analytics: queue still unavailable: %s", exc)
+
+    def _report_incidents(self) -> None:
+        if self.on_incidents is not None and self.queue.incidents:
+            try:
+                self.on_incidents()
+            except Exception:
+                logger.exception("durable_analytics: reporting a queue incident failed")
 
     @contextlib.contextmanager
     def _elected(self) -> Iterator[bool]:
@@ -262,7 +317,14 @@ class Flusher:
         """
         with self._elected() as elected:
             if not elected:
+                # Another process ships this queue; its retries are its own. Without this,
+                # a pending retry of ours would spin the loop with a zero wait.
+                self._failures = 0
                 return
+            if self._unacked:
+                # Delivered last time, but the delete failed: acknowledge before sending more.
+                self.queue.delete(self._unacked)
+                self._unacked = []
             sent_any = False
             linger_until: float | None = None
             while not self._stop.is_set() or self._urgent:
@@ -270,6 +332,8 @@ class Flusher:
                     self.config.max_batch_size, self.config.max_batch_bytes
                 )
                 if not batch:
+                    # Nothing left to retry: the next wait is a normal interval again.
+                    self._failures = 0
                     break
                 if (
                     len(batch) < self.config.max_batch_size
@@ -282,6 +346,10 @@ class Flusher:
                 linger_until = None
                 ok = self._ship(batch)
                 sent_any = True
+                if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
+                    # A long drain with steady writers: checkpoint as we go (S10), not only
+                    # between drains, or the WAL grows for as long as the server is slow.
+                    self.queue.checkpoint()
                 with self._progress:
                     self._progress.notify_all()
                 if not ok:
@@ -308,7 +376,12 @@ class Flusher:
             decision, status, retry_after = self._send(part)
             ids = [event.id for event in part]
             if decision.action is Action.DELIVERED:
-                self.queue.delete(ids)
+                try:
+                    self.queue.delete(ids)
+                except StorageError:
+                    self._unacked.extend(ids)  # see the module docstring
+                    self.stats.add("delivered", len(part))
+                    raise
                 self.stats.add("delivered", len(part))
                 self.stats.add("batches")
                 self._recovered()

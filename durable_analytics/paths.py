@@ -1,34 +1,97 @@
-"""Where queues live, and the checks that keep another user out of them.
+"""Where queues live, and the checks that keep another user (and a network filesystem) out.
 
 Events hold personal data, and the default location sits in a world-writable temp directory,
 so every directory we use must be a real directory (not a symlink), owned by us and not
 writable by group or others; every file must be a regular file, owned by us, with one link.
 Anything else is refused with `UnsafePathError` naming the path: we never chmod or chown a
 path we do not own, and never follow a link another user could have planted.
+
+Two kinds of failure are told apart, because the client treats them differently:
+
+- `UnsafePathError` (and `NetworkFilesystemError`): the path is wrong and will stay wrong
+  until someone changes the configuration. The constructor raises it.
+- `StorageUnavailableError`: the path is fine but the disk is full or read-only, or we lack
+  permission to write there right now (``ENOSPC``, ``EROFS``, ``EDQUOT``, ``EACCES``,
+  ``EPERM``, ``EIO``). The client keeps running, counts what it could not store and tries
+  again later: a full disk must not take the host application down.
+
+Network filesystems: SQLite's WAL mode needs shared memory and POSIX locks that only work
+between processes of one host; NFS, SMB and friends corrupt a WAL database as soon as two
+hosts share it, and their lock daemons are unreliable even on one host. The queue directory's
+filesystem type is looked up in ``/proc/mounts`` (Linux; elsewhere nothing is detected) and a
+network filesystem is refused with `NetworkFilesystemError`. Refusing, not warning: a warning
+in a log nobody reads does not stop two pods that share an NFS volume from corrupting it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
-from .errors import UnsafePathError
+from .errors import NetworkFilesystemError, StorageUnavailableError, UnsafePathError
 
 __all__ = [
     "DB_NAME",
     "FLUSH_LOCK_NAME",
     "INIT_LOCK_NAME",
+    "NETWORK_FILESYSTEMS",
+    "check_local_filesystem",
     "check_private_file",
     "create_private_file",
     "ensure_private_dir",
+    "network_filesystem",
 ]
 
 DB_NAME = "queue.db"
 #: Held by the one process that ships from this queue (see flusher.py).
 FLUSH_LOCK_NAME = "flush.lock"
-#: Held briefly while a process creates or migrates the schema.
+#: Held briefly while a process creates, migrates or quarantines the database.
 INIT_LOCK_NAME = "init.lock"
+
+#: errno values that mean "the storage can't take writes now", not "the path is unsafe".
+_UNAVAILABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
+)
+
+#: Filesystem types (as in /proc/mounts) on which the WAL queue is refused.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "coda",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "9p",  # WSL2's Windows drives, VM shares: no reliable locks or shared mmap
+        "davfs",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "fuse.glusterfs",
+        "fuse.cephfs",
+        "fuse.davfs2",
+        "fuse.juicefs",
+    }
+)
+
+_MOUNTS = "/proc/mounts"
+
+
+def _os_error(action: str, path: Path, exc: OSError) -> UnsafePathError | StorageUnavailableError:
+    """Our error for a failed filesystem call: unavailable storage, or an unsafe path."""
+    message = f"{action} {path}: {exc.strerror or exc}"
+    if exc.errno in _UNAVAILABLE_ERRNOS:
+        return StorageUnavailableError(message, path=str(path))
+    return UnsafePathError(message, path=str(path))
 
 
 def ensure_private_dir(path: Path, *, create_parents: bool = True) -> Path:
@@ -36,6 +99,8 @@ def ensure_private_dir(path: Path, *, create_parents: bool = True) -> Path:
 
     :raises UnsafePathError: the path is a symlink, not a directory, owned by another user,
         or writable by group/others.
+    :raises StorageUnavailableError: it can't be created now (read-only or full disk, no
+        permission).
     """
     path = Path(os.path.abspath(path))
     if create_parents and not path.parent.exists():
@@ -46,9 +111,7 @@ def ensure_private_dir(path: Path, *, create_parents: bool = True) -> Path:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise UnsafePathError(
-            f"cannot create queue directory {path}: {exc.strerror}", path=str(path)
-        ) from exc
+        raise _os_error("cannot create queue directory", path, exc) from exc
     _check_dir(path)
     return path
 
@@ -62,16 +125,14 @@ def _makedirs_private(path: Path) -> None:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise UnsafePathError(
-            f"cannot create directory {path}: {exc.strerror}", path=str(path)
-        ) from exc
+        raise _os_error("cannot create directory", path, exc) from exc
 
 
 def _check_dir(path: Path) -> None:
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise UnsafePathError(f"cannot stat {path}: {exc.strerror}", path=str(path)) from exc
+        raise _os_error("cannot stat", path, exc) from exc
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePathError(f"refusing queue directory {path}: it is a symlink", path=str(path))
     if not stat.S_ISDIR(st.st_mode):
@@ -102,13 +163,19 @@ def create_private_file(path: Path) -> None:
     umask, and its -wal and -shm files copy the database's mode.
 
     :raises UnsafePathError: see `check_private_file`.
+    :raises StorageUnavailableError: the file is missing and can't be created now.
     """
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise UnsafePathError(f"cannot create {path}: {exc.strerror}", path=str(path)) from exc
+        if exc.errno == errno.EROFS and os.path.lexists(path):
+            # O_CREAT on a read-only filesystem fails with EROFS even when the file exists;
+            # an existing file is checked below like any other.
+            pass
+        else:
+            raise _os_error("cannot create", path, exc) from exc
     else:
         os.close(fd)
     check_private_file(path)
@@ -137,4 +204,76 @@ def check_private_file(path: Path, *, missing_ok: bool = False) -> None:
         raise UnsafePathError(f"refusing {path}: it has {st.st_nlink} hard links", path=str(path))
     _check_owner_and_mode(path, st)
     if st.st_mode & 0o044:
-        os.chmod(path, 0o600, follow_symlinks=False)
+        try:
+            os.chmod(path, 0o600, follow_symlinks=False)
+        except OSError as exc:
+            raise _os_error("cannot make private", path, exc) from exc
+
+
+# --- network filesystems ---------------------------------------------------------------------
+
+
+def network_filesystem(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """The filesystem type holding ``path`` if it is a network one, else None.
+
+    ``mounts`` is the text of ``/proc/mounts`` (read when None; a system without it detects
+    nothing). The mount point that holds the path is the longest one that is a prefix of its
+    real path, the last one listed winning when several are stacked on the same point.
+    """
+    if mounts is None:
+        try:
+            with open(_MOUNTS, encoding="utf-8", errors="replace") as f:
+                mounts = f.read()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best_len = -1
+    best_type = ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount_field(fields[1])
+        if _contains(point, target) and len(point) >= best_len:
+            best_len = len(point)
+            best_type = fields[2]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None
+
+
+def check_local_filesystem(path: Path) -> None:
+    """Refuse a queue directory on a network filesystem (see the module docstring).
+
+    :raises NetworkFilesystemError: naming the path and the filesystem type.
+    """
+    fstype = network_filesystem(path)
+    if fstype is not None:
+        raise NetworkFilesystemError(
+            f"refusing queue directory {path}: it is on a network filesystem ({fstype}); "
+            "SQLite's WAL mode corrupts databases shared that way. Set persistence_dir to a "
+            "local disk",
+            path=str(path),
+            fstype=fstype,
+        )
+
+
+def _contains(mount_point: str, target: str) -> bool:
+    if mount_point == "/":
+        return target.startswith("/")
+    return target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+
+
+def _unescape_mount_field(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \040 \011 \012 \134.
+    if "\\" not in field:
+        return field
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        chunk = field[i : i + 4]
+        if len(chunk) == 4 and chunk[0] == "\\" and chunk[1:].isdigit():
+            out.append(chr(int(chunk[1:], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)

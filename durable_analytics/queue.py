@@ -12,19 +12,48 @@ unsent row. Queue depth is O(1): rows ever inserted (``sqlite_sequence``) minus 
 removed (a counter kept by a DELETE trigger).
 
 After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
-"how to corrupt" page): a pid check at every entry point abandons them and opens new ones.
+"how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
+open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
+without the OS locks the other processes rely on. So a ``before`` fork hook closes every
+queue's connections in the parent (waiting, bounded, for the statement in progress); the
+child starts with none and the parent reopens lazily. Connections that could not be closed
+in time are abandoned in the child: kept alive, never closed.
+
+Recovery (only for a queue opened with ``self_heal=True``, i.e. by the client; tools that
+only inspect get the error instead):
+
+- Damaged file (not SQLite, zeroed or truncated header, malformed pages): detected cheaply
+  at open (the 100-byte header, then SQLite's own errors while the schema is read; no
+  O(N) ``quick_check``, which would break the open-time budget with a big backlog) and at
+  runtime by SQLite's ``SQLITE_CORRUPT``/``SQLITE_NOTADB``. The file moves aside with its
+  ``-wal`` and ``-shm`` as ``queue.db.corrupt-<UTC time>-<pid>-<random>`` (kept, 0600),
+  under the init lock; a fresh queue starts; a `QueueCorruptError` goes to ``incidents``.
+  The database moves first: a crash half-way leaves a ``-wal`` without its database, which
+  the next open sets aside too, so a fresh database never adopts a foreign WAL.
+- File deleted or replaced under us (a /tmp cleaner, another process's quarantine): every
+  operation compares the path's inode with the one its connection opened. On a change the
+  old connection is abandoned (closing it would make SQLite unlink ``queue.db-wal`` *by
+  name*, i.e. the new file's WAL), the pending count it still sees is reported as lost in a
+  `QueueReplacedError`, and the file now at the path is opened (created if missing).
+- Disk full, read-only or no permission at open: the queue stays closed, each operation
+  raises `StorageUnavailableError` at once, and opening is retried at most once a second.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import itertools
 import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
+import time
+import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +65,8 @@ from . import migrations
 from .errors import (
     QueueCorruptError,
     QueueMismatchError,
+    QueueReplacedError,
+    StorageBusyError,
     StorageError,
     StorageUnavailableError,
 )
@@ -43,6 +74,7 @@ from .events import EncodedEvent, format_timestamp
 from .paths import (
     DB_NAME,
     INIT_LOCK_NAME,
+    check_local_filesystem,
     check_private_file,
     create_private_file,
     ensure_private_dir,
@@ -54,9 +86,12 @@ logger = logging.getLogger("durable_analytics")
 
 # --- SQL: every statement the library runs against the queue ------------------------------
 
+# auto_vacuum takes effect only on a new, empty file, and only before journal_mode=WAL writes
+# the header. On an existing file, setting it is a write transaction: it would contend with
+# writers and fail on a full disk, so _connect runs it only when the file has no pages yet.
+PAGE_COUNT: Final = "PRAGMA page_count"
+SET_AUTO_VACUUM: Final = "PRAGMA auto_vacuum = INCREMENTAL"
 PRAGMAS: Final = (
-    # auto_vacuum only takes effect before the first table exists, i.e. on a new file.
-    "PRAGMA auto_vacuum = INCREMENTAL",
     "PRAGMA journal_mode = WAL",
     # Untrusted-file hardening (sqlite.org/security.html): the file sits in a shared tmpdir.
     "PRAGMA trusted_schema = OFF",
@@ -83,7 +118,12 @@ CAP_TRIGGER: Final = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT "
     "NEW.id - (SELECT removed FROM queue_counts WHERE id = 1) - {max_size}); END"
 )
-NO_AUTOCHECKPOINT: Final = "PRAGMA wal_autocheckpoint = 0"
+# Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
+# milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
+# writers at full speed would grow the WAL by tens of MB a second. So writers still
+# checkpoint once the WAL passes 2048 pages (8 MiB, the journal_size_limit), which the
+# flusher's own checkpoint at 4 MiB normally prevents: the WAL stays bounded (S10).
+WRITER_AUTOCHECKPOINT: Final = "PRAGMA wal_autocheckpoint = 2048"
 CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 SELECT_DEPTH: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
@@ -93,6 +133,9 @@ SELECT_LAST_ID: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
 )
 SELECT_HEAD: Final = "SELECT id, created_at FROM events ORDER BY id LIMIT 1"
+# Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
+PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
+PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
 SELECT_BATCH: Final = "SELECT id, message_id, attempts, payload FROM events ORDER BY id LIMIT ?"
 # One prepared statement whatever the number of ids: the ids travel as a JSON array.
 DELETE_IDS: Final = "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
@@ -120,8 +163,15 @@ DELETE_DEAD_LETTERS: Final = "DELETE FROM dead_letter WHERE id IN (SELECT value 
 SELECT_META: Final = "SELECT value FROM queue_meta WHERE key = ?"
 INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?)"
 FREELIST_COUNT: Final = "PRAGMA freelist_count"
-INCREMENTAL_VACUUM: Final = "PRAGMA incremental_vacuum"
+# Run with executescript, which steps the pragma to the end: execute() frees one page only.
+INCREMENTAL_VACUUM: Final = "PRAGMA incremental_vacuum({pages});"
+CHECKPOINT_RESTART: Final = "PRAGMA wal_checkpoint(RESTART)"
 CHECKPOINT_TRUNCATE: Final = "PRAGMA wal_checkpoint(TRUNCATE)"
+SET_BUSY_TIMEOUT: Final = "PRAGMA busy_timeout = {ms}"
+# Free pages released per write transaction: each chunk holds the write lock a few ms.
+_VACUUM_CHUNK: Final = 1024
+# How long a blocking checkpoint waits for other connections before giving up for now.
+_CHECKPOINT_BUSY_MS: Final = 100
 
 # Statements that write run under BEGIN IMMEDIATE: taking the write lock up front means no
 # later statement in the transaction can fail with SQLITE_BUSY on a read->write upgrade.
@@ -172,9 +222,92 @@ class _Pending:
         self.trimmed = 0
 
 
-# Connections abandoned in a forked child. Closing them (even by garbage collection) could
-# corrupt the parent's database, so they are kept referenced until the process exits.
+# Connections that must never be closed: inherited across fork, or open on a file that was
+# deleted or moved aside (SQLite's close would checkpoint and unlink "queue.db-wal" by name,
+# which by then is another file's WAL). See _abandon.
 _ABANDONED: list[Any] = []
+
+# Every queue of this process, for the fork hooks.
+_OPEN_QUEUES: weakref.WeakSet[SQLiteQueue] = weakref.WeakSet()
+# Held while a thread of this process holds init.lock, so fork() waits for it: a child that
+# inherited init.lock's descriptor mid-migration would keep the lock if the parent died.
+_INIT_GUARD = threading.Lock()
+# How long fork() waits for a statement in progress before abandoning instead of closing.
+_FORK_WAIT = 2.0
+# Locks a forking thread took in the before hook, released in the parent after the fork.
+_HELD_FOR_FORK: dict[int, list[threading.Lock]] = {}
+# Opening a queue that was unavailable (full or read-only disk) is retried this often.
+_REOPEN_EVERY = 1.0
+#: Name of a file moved aside: queue.db.<kind>-<UTC time>-<pid>-<random> (+ -wal, -shm).
+QUARANTINE_PREFIX: Final = f"{DB_NAME}.corrupt-"
+ORPHAN_PREFIX: Final = f"{DB_NAME}.orphan-"
+
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+# Primary result codes (sqlite3.h) for _translate; Python 3.11+ exposes them on the error.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+FileId = tuple[int, int]
+
+
+def _abandon(conn: sqlite3.Connection) -> None:
+    """Keep ``conn`` alive for the rest of the process and never close it.
+
+    A list entry alone is not enough: at interpreter exit module globals are cleared and the
+    connection would be closed by its destructor after all. An extra C-level reference
+    keeps the destructor from ever running; the OS releases the descriptors (and their POSIX
+    locks) at exit without SQLite touching the files. One connection leaks per incident.
+    """
+    _ABANDONED.append(conn)
+    if sys.implementation.name == "cpython":
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+
+
+def _file_id(path: str) -> FileId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _before_fork() -> None:
+    """Close every queue's connections so the child inherits none (module docstring)."""
+    held: list[threading.Lock] = []
+    for queue in list(_OPEN_QUEUES):
+        if queue._pid != os.getpid():
+            continue
+        taken = []
+        for lock in (queue._lock, queue._flush_lock):
+            if not lock.acquire(timeout=_FORK_WAIT):
+                break
+            taken.append(lock)
+        if len(taken) == 2:
+            queue._release_connections()
+        held.extend(taken)
+    if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
+        held.append(_INIT_GUARD)
+    _HELD_FOR_FORK[threading.get_ident()] = held
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_HELD_FOR_FORK.pop(threading.get_ident(), [])):
+        lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _INIT_GUARD
+    # The parent's locks stay taken in this copy of memory; every queue gets fresh ones.
+    _HELD_FOR_FORK.clear()
+    _INIT_GUARD = threading.Lock()
+    for queue in list(_OPEN_QUEUES):
+        queue.after_fork()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,10 +344,17 @@ def _ids_json(ids: Sequence[int]) -> str:
 class SQLiteQueue:
     """The on-disk queue of one app (see the module docstring).
 
+    ``self_heal=True`` (what the client uses) turns on the recoveries of the module
+    docstring; each one is appended to `incidents` for the owner to log and report (the
+    queue itself never calls user code, and never while holding its locks).
+
     :raises UnsafePathError: the directory or a file in it is not safe to use.
+    :raises NetworkFilesystemError: the directory is on a network filesystem.
     :raises QueueMismatchError: the queue was created for another ``app_id``.
     :raises SchemaTooNewError: the file was written by a newer durable_analytics.
-    :raises StorageUnavailableError: the file can't be opened (read-only, disk full, locked).
+    :raises StorageUnavailableError: the file can't be opened (read-only, disk full, locked);
+        with ``self_heal`` the queue is returned closed instead and retries later.
+    :raises QueueCorruptError: the file is damaged (without ``self_heal``).
     """
 
     def __init__(
@@ -226,9 +366,11 @@ class SQLiteQueue:
         busy_timeout: float = 5.0,
         max_size: int | None = None,
         writer_checkpoints: bool = True,
+        self_heal: bool = False,
     ) -> None:
-        self.directory = ensure_private_dir(Path(directory))
+        self.directory = Path(os.path.abspath(directory))
         self.path = self.directory / DB_NAME
+        self._path_str = str(self.path)
         self.app_id = app_id
         self.durability = durability
         self.busy_timeout = busy_timeout
@@ -247,41 +389,213 @@ class SQLiteQueue:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._closed = False
-        self._initialise()
+        #: True: recover from damaged, replaced and unavailable files (module docstring).
+        self.self_heal = self_heal
+        #: What the queue recovered from, oldest first, for the owner to pop and report.
+        self.incidents: collections.deque[StorageError] = collections.deque()
+        # The file each connection opened, to notice when the path names another one.
+        self._writer_id: FileId | None = None
+        self._reader_id: FileId | None = None
+        self._recovered_id: FileId | None = None
+        self._ready = False
+        self._unavailable: StorageUnavailableError | None = None
+        self._retry_open_at = 0.0
+        _OPEN_QUEUES.add(self)
+        try:
+            self._open()
+        except StorageUnavailableError as exc:
+            if not self_heal:
+                raise
+            self._defer_open(exc)
 
     # --- opening --------------------------------------------------------------------------
 
-    def _initialise(self) -> None:
-        """Create or migrate the schema and bind the app id, under the cross-process init lock."""
+    def _open(self) -> None:
+        """Check the directory and its filesystem, then `_initialise`."""
+        check_local_filesystem(self.directory)  # first: nothing is created on a refused mount
+        ensure_private_dir(self.directory)
+        self._initialise()
+        self._ready = True
+        self._unavailable = None
+
+    @property
+    def unavailable(self) -> StorageUnavailableError | None:
+        """Why the queue could not be opened yet (``self_heal`` only), or None once open."""
+        return None if self._ready else self._unavailable
+
+    def _defer_open(self, exc: StorageUnavailableError) -> None:
+        self._ready = False
+        self._unavailable = exc
+        self._retry_open_at = time.monotonic() + _REOPEN_EVERY
+
+    def _ensure_ready(self) -> None:
+        """Open a queue whose open was deferred, at most once per `_REOPEN_EVERY`.
+
+        :raises StorageUnavailableError: still unavailable (at once while waiting to retry).
+        """
+        if self._unavailable is not None and time.monotonic() < self._retry_open_at:
+            raise StorageUnavailableError(str(self._unavailable), path=self._unavailable.path)
+        try:
+            self._open()
+        except StorageUnavailableError as exc:
+            self._defer_open(exc)
+            raise
+
+    @contextlib.contextmanager
+    def _init_locked(self) -> Iterator[None]:
+        """Hold init.lock (cross-process) and `_INIT_GUARD` (so fork() waits for us)."""
         init_lock = self.directory / INIT_LOCK_NAME
         create_private_file(init_lock)
-        for suffix in ("-wal", "-shm"):
-            check_private_file(Path(str(self.path) + suffix), missing_ok=True)
-        create_private_file(self.path)
         lock = filelock.FileLock(str(init_lock), timeout=max(self.busy_timeout, 30.0))
+        with _INIT_GUARD:
+            try:
+                lock.acquire()
+            except filelock.Timeout as exc:
+                raise StorageUnavailableError(
+                    f"timed out waiting for {init_lock} held by another process",
+                    path=str(init_lock),
+                ) from exc
+            except OSError as exc:
+                raise StorageUnavailableError(
+                    f"cannot lock {init_lock}: {exc.strerror or exc}", path=str(init_lock)
+                ) from exc
+            try:
+                yield
+            finally:
+                lock.release()
+
+    def _initialise(self) -> None:
+        """Create or migrate the schema and bind the app id, under the cross-process init lock."""
+        for suffix in ("-wal", "-shm"):
+            check_private_file(Path(self._path_str + suffix), missing_ok=True)
+        with self._init_locked():
+            self._initialise_locked()
+
+    def _initialise_locked(self) -> None:
+        """`_initialise`'s body; the caller holds the init lock."""
+        self._set_aside_orphans()
+        create_private_file(self.path)
         try:
-            with lock:
-                conn = self._connect()
-                try:
-                    migrations.check_version(conn, str(self.path))
-                    migrations.apply(conn)
-                    conn.execute(INSERT_META, ("app_id", self.app_id))
-                    conn.execute(INSERT_META, ("created_at", format_timestamp()))
-                    (owner,) = conn.execute(SELECT_META, ("app_id",)).fetchone()
-                finally:
-                    conn.close()
-        except filelock.Timeout as exc:
-            raise StorageUnavailableError(
-                f"timed out waiting for {init_lock} held by another process", path=str(init_lock)
-            ) from exc
-        except sqlite3.DatabaseError as exc:
-            raise _translate(exc, self.path) from exc
+            owner = self._prepare_schema()
+        except QueueCorruptError as exc:
+            if not self.self_heal:
+                raise
+            self._move_aside(exc, QUARANTINE_PREFIX)
+            create_private_file(self.path)
+            owner = self._prepare_schema()
         if owner != self.app_id:
             raise QueueMismatchError(
                 f"{self.path} belongs to app_id {owner!r}, not {self.app_id!r}; "
                 "use a persistence_dir per app",
                 path=str(self.path),
             )
+
+    def _prepare_schema(self) -> str:
+        """Check the header, migrate, bind the app id; returns the app id the file belongs to.
+
+        Cheap whatever the backlog: the header, the schema, and the first and last event
+        (two O(log N) lookups that touch both ends of the table's b-tree).
+
+        :raises QueueCorruptError: the header or SQLite says the file is damaged.
+        """
+        _check_header(self.path)
+        try:
+            conn = self._connect()
+            try:
+                migrations.check_version(conn, self._path_str)
+                migrations.apply(conn)
+                conn.execute(INSERT_META, ("app_id", self.app_id))
+                conn.execute(INSERT_META, ("created_at", format_timestamp()))
+                (owner,) = conn.execute(SELECT_META, ("app_id",)).fetchone()
+                conn.execute(PROBE_FIRST).fetchone()
+                conn.execute(PROBE_LAST).fetchone()
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise _translate(exc, self.path) from exc
+        return str(owner)
+
+    def _set_aside_orphans(self) -> None:
+        """Move a ``-wal`` (and ``-shm``) whose database is missing or empty out of the way.
+
+        SQLite would replay such a WAL into whatever database is created next under this
+        name: a foreign WAL, i.e. corruption. It is left by a crash half-way through a
+        quarantine, or by a cleaner that deleted only ``queue.db``. Kept, not deleted.
+        """
+        try:
+            db_size = os.stat(self._path_str).st_size
+        except FileNotFoundError:
+            db_size = 0
+        if db_size:
+            return
+        try:
+            wal_size = os.stat(self._path_str + "-wal").st_size
+        except FileNotFoundError:
+            return
+        if wal_size == 0:
+            return
+        error = QueueCorruptError(
+            f"{self._path_str}-wal has no database (a crash while quarantining, or a cleaner "
+            "deleted queue.db); set aside so a new queue does not adopt it",
+            path=self._path_str + "-wal",
+        )
+        self._move_aside(error, ORPHAN_PREFIX, suffixes=("-wal", "-shm"))
+
+    def _move_aside(
+        self,
+        error: QueueCorruptError,
+        prefix: str,
+        suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
+    ) -> None:
+        """Rename the database (first) and its -wal/-shm to a quarantine name; keep them 0600.
+
+        The caller holds the init lock. Records ``error`` (with ``quarantined_to``) in
+        `incidents`.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{prefix}{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        for suffix in suffixes:
+            target = self.directory / (name + suffix)
+            try:
+                os.rename(self._path_str + suffix, target)
+            except FileNotFoundError:
+                continue
+            with contextlib.suppress(OSError):
+                os.chmod(target, 0o600)
+        error.quarantined_to = str(self.directory / name)
+        self.incidents.append(error)
+
+    def quarantine(self, error: QueueCorruptError) -> None:
+        """Move the damaged file aside and start a fresh queue (see `QueueCorruptError`).
+
+        For the owner to call after an operation raised ``error``. Under the init lock it
+        checks that the file at the path is still the one our connections found damaged; if
+        another process has already moved it, this only reopens. Our connections to the
+        damaged file are abandoned, never closed.
+
+        :raises StorageError: the fresh queue could not be created (e.g. the disk is full).
+        """
+        self._check_fork()
+        with self._lock, self._flush_lock:
+            connections = [(self._writer, self._writer_id), (self._reader, self._reader_id)]
+            self._writer = self._reader = None
+            self._writer_id = self._reader_id = None
+            with self._init_locked():
+                ours = {file_id for conn, file_id in connections if conn is not None}
+                current = _file_id(self._path_str)
+                if current is not None and current in ours:
+                    # Still the file our connections found damaged. Otherwise someone (another
+                    # process, or another thread of ours) has replaced it already: reopen only.
+                    self._move_aside(error, QUARANTINE_PREFIX)
+                for conn, _ in connections:
+                    if conn is not None:
+                        _abandon(conn)
+                try:
+                    self._initialise_locked()
+                except StorageUnavailableError as exc:
+                    self._defer_open(exc)
+                    raise
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves (the legacy implicit BEGIN is
@@ -294,6 +608,8 @@ class SQLiteQueue:
             check_same_thread=False,
         )
         try:
+            if conn.execute(PAGE_COUNT).fetchone()[0] == 0:
+                conn.execute(SET_AUTO_VACUUM)
             for pragma in PRAGMAS:
                 conn.execute(pragma)
             conn.execute(SYNCHRONOUS[self.durability])
@@ -310,8 +626,11 @@ class SQLiteQueue:
         """Forget the parent's connections and locks in a forked child (never close them)."""
         if self._pid == os.getpid():
             return
-        _ABANDONED.extend(c for c in (self._writer, self._reader) if c is not None)
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                _abandon(conn)
         self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
         # A lock held by another parent thread at fork time would stay held forever here.
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -324,15 +643,96 @@ class SQLiteQueue:
         """The callers' connection, under its lock, opened lazily."""
         self._check_fork()
         with self._lock:
-            yield self._writer or self._open_writer()
+            yield self._writer_connection()
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The writers' connection (the caller holds ``self._lock``).
+
+        Opened lazily; reopened when the path no longer names the file it has open (one
+        ``stat`` per operation: a write to a deleted file would be lost silently).
+        """
+        if not self._ready:
+            self._ensure_ready()
+        conn = self._writer
+        if conn is not None:
+            if _file_id(self._path_str) == self._writer_id:
+                return conn
+            self._writer = None
+            self._recover_replaced(conn, self._writer_id)
+        conn = self._open_writer()
+        self._writer_id = _file_id(self._path_str)
+        return conn
+
+    def _recover_replaced(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
+        """Our connection's file is gone from the path: abandon it, report, reopen the path."""
+        try:
+            lost: int | None = int(conn.execute(SELECT_DEPTH).fetchone()[0])
+        except sqlite3.Error:
+            lost = None
+        _abandon(conn)
+        if file_id is not None and file_id != self._recovered_id:
+            # Reported once per file, though the writer and the flusher both notice it.
+            self._recovered_id = file_id
+            moved_to = self._quarantined_as(file_id)
+            if moved_to is not None:
+                self.incidents.append(
+                    QueueReplacedError(
+                        f"{self.path} was moved aside as damaged (to {moved_to}) by another "
+                        "process; reopened the new queue",
+                        path=self._path_str,
+                        lost=0,
+                    )
+                )
+            else:
+                self.incidents.append(
+                    QueueReplacedError(
+                        f"{self.path} was deleted or replaced while in use (a temp-directory "
+                        f"cleaner?); {'its' if lost is None else lost} pending event(s) are "
+                        "lost; continuing with the file now at that path",
+                        path=self._path_str,
+                        lost=lost,
+                    )
+                )
+        self._initialise()
+
+    def _quarantined_as(self, file_id: FileId) -> str | None:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return None
+        for name in names:
+            if name.startswith(QUARANTINE_PREFIX) and not name.endswith(("-wal", "-shm")):
+                path = self.directory / name
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if (st.st_dev, st.st_ino) == file_id:
+                        return str(path)
+        return None
+
+    def _release(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
+        """Close ``conn``, or abandon it if its file is no longer at the path."""
+        if file_id is not None and _file_id(self._path_str) == file_id:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        else:
+            _abandon(conn)
+
+    def _release_connections(self) -> None:
+        """Close both connections (the caller holds both locks); they reopen lazily."""
+        if self._writer is not None:
+            self._release(self._writer, self._writer_id)
+        if self._reader is not None:
+            self._release(self._reader, self._reader_id)
+        self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._open_connection()
         try:
             if not self.writer_checkpoints:
-                # The flusher checkpoints instead: on the track() path an automatic
-                # checkpoint is a multi-millisecond stall.
-                conn.execute(NO_AUTOCHECKPOINT)
+                # The flusher checkpoints instead (on the track() path an automatic
+                # checkpoint is a multi-millisecond stall), but see WRITER_AUTOCHECKPOINT.
+                conn.execute(WRITER_AUTOCHECKPOINT)
             if self.max_size is not None:
                 conn.execute(CAP_TRIGGER.format(max_size=int(self.max_size)))
         except sqlite3.DatabaseError as exc:
@@ -346,9 +746,17 @@ class SQLiteQueue:
         """The flusher's connection: reads batches and acknowledges them."""
         self._check_fork()
         with self._flush_lock:
-            if self._reader is None:
-                self._reader = self._open_connection()
-            yield self._reader
+            if not self._ready:
+                self._ensure_ready()
+            conn = self._reader
+            if conn is not None and _file_id(self._path_str) != self._reader_id:
+                self._reader = None
+                self._recover_replaced(conn, self._reader_id)
+                conn = None
+            if conn is None:
+                conn = self._reader = self._open_connection()
+                self._reader_id = _file_id(self._path_str)
+            yield conn
 
     def _open_connection(self) -> sqlite3.Connection:
         self._closed = False
@@ -396,7 +804,7 @@ class SQLiteQueue:
         ]
         error: BaseException | None = None
         try:
-            conn = self._writer or self._open_writer()
+            conn = self._writer_connection()
             before = conn.total_changes
             with self._write_lock:
                 if len(rows) == 1:
@@ -476,8 +884,10 @@ class SQLiteQueue:
 
     def delete(self, ids: Sequence[int]) -> int:
         """Acknowledge delivered events: delete exactly these ids; returns how many were there."""
-        if ids and ids[-1] - ids[0] == len(ids) - 1 and all(
-            b - a == 1 for a, b in itertools.pairwise(ids)
+        if (
+            ids
+            and ids[-1] - ids[0] == len(ids) - 1
+            and all(b - a == 1 for a, b in itertools.pairwise(ids))
         ):
             # Consecutive ids read from the head: no other row can hold an id in between
             # (AUTOINCREMENT never goes back), so the range names exactly these rows, and
@@ -516,16 +926,33 @@ class SQLiteQueue:
                 raise _translate(exc, self.path) from exc
 
     def checkpoint(self) -> None:
-        """Copy the WAL back into the database without blocking anyone (PASSIVE).
+        """Copy the WAL back into the database, and make the next write start it over.
 
         The writers leave checkpoints to the flusher; it calls this when the WAL has grown,
-        even while the server is down and nothing is being deleted.
+        also mid-drain and while the server is down. PASSIVE first, which blocks no one. If
+        writers appended meanwhile (steady traffic: the usual case) the WAL would never be
+        fully copied, so never rewound, and would grow for as long as the drain lasts; a
+        RESTART then copies the few remaining frames while our own writers wait on the
+        in-process write lock (milliseconds) and other connections at most 0.1 s, after which
+        the next commit rewinds the WAL and ``journal_size_limit`` trims the file.
         """
         with self._flushing() as conn:
             try:
-                conn.execute(CHECKPOINT_PASSIVE).fetchall()
+                _, frames, copied = conn.execute(CHECKPOINT_PASSIVE).fetchone()
+                if frames > copied:
+                    with self._write_lock, self._short_busy_timeout(conn):
+                        conn.execute(CHECKPOINT_RESTART).fetchall()
             except sqlite3.OperationalError as exc:
                 logger.debug("checkpoint of %s skipped: %s", self.path, exc)
+
+    @contextlib.contextmanager
+    def _short_busy_timeout(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """A blocking checkpoint must not hold our writers for a whole busy_timeout."""
+        conn.execute(SET_BUSY_TIMEOUT.format(ms=_CHECKPOINT_BUSY_MS))
+        try:
+            yield
+        finally:
+            conn.execute(SET_BUSY_TIMEOUT.format(ms=int(self.busy_timeout * 1000)))
 
     def wal_size(self) -> int:
         """Bytes in the -wal file (0 when there is none)."""
@@ -542,9 +969,16 @@ class SQLiteQueue:
         with self._flushing() as conn:
             try:
                 (free_pages,) = conn.execute(FREELIST_COUNT).fetchone()
-                if free_pages:
-                    conn.execute(INCREMENTAL_VACUUM).fetchall()
-                conn.execute(CHECKPOINT_TRUNCATE).fetchall()
+                rounds = free_pages // _VACUUM_CHUNK + 1  # bounded, whatever others free
+                while free_pages and rounds:
+                    # In chunks, each its own short write transaction, so that a large
+                    # backlog's pages don't hold every writer for a second.
+                    with self._write_lock:
+                        conn.executescript(INCREMENTAL_VACUUM.format(pages=_VACUUM_CHUNK))
+                    (free_pages,) = conn.execute(FREELIST_COUNT).fetchone()
+                    rounds -= 1
+                with self._write_lock, self._short_busy_timeout(conn):
+                    conn.execute(CHECKPOINT_TRUNCATE).fetchall()
             except sqlite3.OperationalError as exc:
                 logger.debug("compacting %s skipped: %s", self.path, exc)
 
@@ -591,11 +1025,7 @@ class SQLiteQueue:
             self.after_fork()
             return
         with self._lock, self._flush_lock:
-            for conn in (self._writer, self._reader):
-                if conn is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.close()
-            self._writer = self._reader = None
+            self._release_connections()
             self._closed = True
 
     def file_size(self) -> int:
@@ -620,13 +1050,70 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _translate(exc: sqlite3.DatabaseError, path: Path) -> StorageError:
-    """Map a sqlite3 error to our tree, keeping the path and SQLite's words."""
+    """Map a sqlite3 error to our tree, keeping the path and SQLite's words.
+
+    Only SQLITE_CORRUPT and SQLITE_NOTADB mean "damaged" (a client then moves the file
+    aside, so a false positive would hide a healthy queue); BUSY/LOCKED are
+    `StorageBusyError` (track() retries those); everything else (FULL, READONLY, IOERR,
+    CANTOPEN, a closed connection, ...) is `StorageUnavailableError`. Python 3.11+ gives the
+    result code; 3.10 falls back to SQLite's message.
+    """
     text = str(exc)
-    lowered = text.lower()
-    damaged = "malformed" in lowered or "not a database" in lowered
-    if not damaged and (isinstance(exc, sqlite3.OperationalError) or "disk" in lowered):
-        return StorageUnavailableError(f"queue {path} unavailable: {text}", path=str(path))
-    return QueueCorruptError(f"queue {path} is damaged: {text}", path=str(path))
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        primary = code & 0xFF
+        damaged = primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+        busy = primary in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    else:
+        lowered = text.lower()
+        damaged = "malformed" in lowered or "not a database" in lowered
+        busy = "database is locked" in lowered or "database table is locked" in lowered
+    if damaged:
+        return QueueCorruptError(f"queue {path} is damaged: {text}", path=str(path))
+    if busy:
+        return StorageBusyError(f"queue {path} stayed locked: {text}", path=str(path))
+    return StorageUnavailableError(f"queue {path} unavailable: {text}", path=str(path))
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file whose first 100 bytes are not an SQLite header, or that is truncated.
+
+    O(1): reads the header only. An empty file is a new queue. The size check applies only
+    without a WAL: with one, the database file may legitimately lag behind its header.
+
+    :raises QueueCorruptError: not SQLite (or zeroed), impossible page size, or shorter
+        than the page count the header records.
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return  # unreadable or gone: SQLite's own open reports it properly
+    if size == 0:
+        return
+    problem = None
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        problem = "not an SQLite database (bad or zeroed header)"
+    else:
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        pages = int.from_bytes(header[28:32], "big")
+        # The page count is valid only when the change counter matches version-valid-for.
+        counted = header[24:28] == header[92:96]
+        if page_size < 512 or page_size & (page_size - 1):
+            problem = f"impossible page size {page_size}"
+        elif counted and pages and size < pages * page_size and not _has_wal(path):
+            problem = f"truncated: {size} bytes, the header counts {pages} pages of {page_size}"
+    if problem is not None:
+        raise QueueCorruptError(f"queue {path} is damaged: {problem}", path=str(path))
+
+
+def _has_wal(path: Path) -> bool:
+    try:
+        return os.stat(str(path) + "-wal").st_size > 0
+    except OSError:
+        return False
 
 
 def decode_payload(payload: str) -> dict[str, Any]:

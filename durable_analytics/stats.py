@@ -21,6 +21,7 @@ DROP_REASONS = (
     "invalid",  # the call raised a ValidationError
     "too_large",  # over max_event_bytes
     "storage_error",  # the disk was full, read-only or locked; reported to listeners
+    "file_lost",  # pending in a queue file deleted from under us (e.g. by a /tmp cleaner)
 )
 
 _COUNTERS = (
@@ -31,6 +32,7 @@ _COUNTERS = (
     "batches",
     "failed_requests",
     "splits",
+    "quarantined",  # damaged queue files moved aside (their events kept there, not sent)
 )
 
 

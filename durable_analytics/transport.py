@@ -9,22 +9,37 @@ not be shared across ``fork()``), ignores the environment's ``.netrc``, CA and p
 unless asked (``trust_env=False``: a ``.netrc`` entry would silently replace our
 ``Authorization`` header), never follows redirects (the key must not travel to another host),
 asks for an uncompressed answer and reads at most 64 KiB of it.
+
+``request_timeout`` is a *total* deadline per POST, not only requests' per-read timeout: a
+server that drips one byte a second never trips a per-read timeout and would hold the flusher
+(and ``shutdown()``) for as long as it likes. A watchdog thread per transport shuts the
+in-flight socket down when the deadline passes; the blocked read returns at once and the
+batch is retried like any other timeout. The connections register themselves with the send
+that uses them (`_TrackedHTTPConnection`), so the watchdog cuts exactly that request's socket.
+The deadline covers connecting, sending, the status line, the headers and the bounded body
+read; only a hanging DNS lookup (``getaddrinfo`` has no timeout) is outside it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip as gzip_module
 import json
 import logging
 import os
+import socket
 import threading
+import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from ._version import __version__
 from .events import format_timestamp
@@ -128,6 +143,143 @@ def build_body(protocol: str, payloads: Sequence[str], *, sent_at: str | None = 
     return (head + ",".join(payloads) + tail).encode("utf-8")
 
 
+# --- HTTP: the total deadline ------------------------------------------------------------------
+
+
+class _InFlight:
+    """The connections one send went through, and whether its deadline cut them."""
+
+    __slots__ = ("conns", "fired")
+
+    def __init__(self) -> None:
+        self.conns: list[HTTPConnection] = []
+        self.fired = False
+
+
+# The send running on this thread; a connection used for a request registers itself here.
+_current = threading.local()
+
+
+def _register(conn: HTTPConnection) -> None:
+    in_flight: _InFlight | None = getattr(_current, "in_flight", None)
+    if in_flight is not None:
+        in_flight.conns.append(conn)
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    """An HTTP connection that tells the watchdog which send is using it."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # Before super().request: that is where a new connection connects, and where a
+        # reused keep-alive connection starts blocking.
+        _register(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPSConnection(HTTPSConnection):
+    """The TLS variant of `_TrackedHTTPConnection`."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _register(self)
+        super().request(*args, **kwargs)
+
+
+class _TrackedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _TrackedHTTPConnection
+
+
+class _TrackedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TrackedHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter with connections the watchdog can find (see the module docstring)."""
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _TrackedHTTPPool,
+            "https": _TrackedHTTPSPool,
+        }
+
+
+class _Watchdog:
+    """Cuts the sockets of a send that outlives its deadline. One thread per transport.
+
+    The thread is started on first use and again in a forked child (threads don't survive
+    fork). It only ever calls ``shutdown()`` on a socket, which is safe from another thread
+    and makes the blocked ``recv``/``send`` return at once; closing stays with the owner.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cond = threading.Condition()
+        self._armed: tuple[float, _InFlight] | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def guard(self, seconds: float) -> Iterator[_InFlight]:
+        """Cut whatever this thread sends inside the block once ``seconds`` have passed."""
+        in_flight = _InFlight()
+        armed = self._arm(in_flight, time.monotonic() + seconds)
+        _current.in_flight = in_flight
+        try:
+            yield in_flight
+        finally:
+            _current.in_flight = None
+            if armed:
+                with self._cond:
+                    if self._armed is not None and self._armed[1] is in_flight:
+                        self._armed = None
+
+    def _arm(self, in_flight: _InFlight, deadline: float) -> bool:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._cond = threading.Condition()  # may have been held by a parent thread
+                self._thread = None
+                self._pid = os.getpid()
+                return self._arm(in_flight, deadline)
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:
+                    # Interpreter shutdown (3.12+ refuses new threads in atexit): the
+                    # per-read timeouts still bound each socket operation.
+                    logger.debug("durable_analytics: no watchdog thread; per-read timeouts only")
+                    return False
+                self._thread = thread
+            self._armed = (deadline, in_flight)
+            self._cond.notify()
+            return True
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        cond = self._cond
+        with cond:
+            while self._pid == pid:
+                if self._armed is None:
+                    cond.wait()
+                    continue
+                deadline, in_flight = self._armed
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    cond.wait(remaining)
+                    continue
+                self._armed = None
+                in_flight.fired = True
+                for conn in in_flight.conns:
+                    sock = getattr(conn, "sock", None)
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            # The plain socket's shutdown, also for TLS sockets: SSLSocket's
+                            # own would tear down its SSL state under the reading thread.
+                            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 # --- HTTP -------------------------------------------------------------------------------------
 
 
@@ -168,6 +320,7 @@ class HTTPTransport:
         self._session: requests.Session | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog(f"durable-analytics-watchdog[{app_id}]")
 
     def __repr__(self) -> str:
         # Never the key: reprs end up in logs and tracebacks.
@@ -183,6 +336,9 @@ class HTTPTransport:
             session = requests.Session()
             session.trust_env = False
             session.headers.clear()
+            adapter = _DeadlineAdapter(max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._session = session
         return self._session
 
@@ -200,28 +356,36 @@ class HTTPTransport:
         request = self._template.copy()
         request.body = body
         request.headers["Content-Length"] = str(len(body))
-        try:
-            response = adapter.send(
-                request,
-                stream=True,
-                timeout=(self.timeout, self.timeout),
-                verify=True,
-                proxies={},
-            )
-        except requests.Timeout as exc:
-            raise SendFailed(
-                f"timed out after {self.timeout}s: {_safe(exc)}", timed_out=True
-            ) from exc
-        except requests.RequestException as exc:
-            raise SendFailed(f"{type(exc).__name__}: {_safe(exc)}") from exc
-        try:
-            # Bounded read: a huge or endless 2xx body must not eat memory or time.
-            content = response.raw.read(MAX_RESPONSE_BYTES, decode_content=False) or b""
-        except Exception as exc:  # noqa: BLE001 - the status already decides the outcome
-            logger.debug("reading the response body failed: %s", exc)
-            content = b""
-        finally:
-            response.close()
+        with self._watchdog.guard(self.timeout) as in_flight:
+            try:
+                response = adapter.send(
+                    request,
+                    stream=True,
+                    timeout=(self.timeout, self.timeout),
+                    verify=True,
+                    proxies={},
+                )
+            except requests.Timeout as exc:
+                raise SendFailed(
+                    f"timed out after {self.timeout}s: {_safe(exc)}", timed_out=True
+                ) from exc
+            except requests.RequestException as exc:
+                if in_flight.fired:
+                    raise SendFailed(
+                        f"no complete answer within the {self.timeout}s deadline "
+                        "(the server is too slow, or drips its answer)",
+                        timed_out=True,
+                    ) from exc
+                raise SendFailed(f"{type(exc).__name__}: {_safe(exc)}") from exc
+            try:
+                # Bounded read: a huge or endless 2xx body must not eat memory or time (the
+                # watchdog cuts a dripping one; the status has decided the outcome already).
+                content = response.raw.read(MAX_RESPONSE_BYTES, decode_content=False) or b""
+            except Exception as exc:  # noqa: BLE001 - the status already decides the outcome
+                logger.debug("reading the response body failed: %s", exc)
+                content = b""
+            finally:
+                response.close()
         return TransportResponse(response.status_code, dict(response.headers), content)
 
     def close(self) -> None:

@@ -14,9 +14,17 @@ def test_defaults_match_the_spec() -> None:
     """The documented defaults."""
     c = Config.resolve({"app_id": "a"}, environ={})
     assert (c.environment, c.base_url, c.protocol, c.platform) == (
-        "production", "https://in.layers.com", "layers", "python")
+        "production",
+        "https://in.layers.com",
+        "layers",
+        "python",
+    )
     assert (c.flush_interval, c.flush_threshold, c.max_queue_size, c.max_batch_size) == (
-        10.0, 20, 10_000, 100)
+        10.0,
+        20,
+        10_000,
+        100,
+    )
     assert (c.request_timeout, c.max_retries, c.shutdown_timeout) == (10.0, 10, 5.0)
     assert (c.handle_signals, c.send, c.durability, c.debug) == (True, True, "process", False)
     assert c.use_gzip is False
@@ -37,7 +45,12 @@ def test_environment_variables_configure_and_arguments_win(tmp_path: Path) -> No
     }
     c = Config.resolve({"max_queue_size": 7}, environ=env)
     assert (c.app_id, c.flush_interval, c.max_queue_size, c.send, c.environment) == (
-        "from-env", 2.5, 7, False, "staging")
+        "from-env",
+        2.5,
+        7,
+        False,
+        "staging",
+    )
     assert c.queue_dir == tmp_path
 
 

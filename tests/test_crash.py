@@ -19,13 +19,22 @@ from durable_analytics.collector import Collector
 WORKER = Path(__file__).with_name("crash_worker.py")
 
 
-def run_and_kill(queue_dir: Path, url: str, prefix: str, count: int, kill_after: int,
-                 send: bool = True) -> list[str]:
+def run_and_kill(
+    queue_dir: Path, url: str, prefix: str, count: int, kill_after: int, send: bool = True
+) -> list[str]:
     """Start a worker, SIGKILL it once it has reported ``kill_after`` ids; return those ids."""
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(queue_dir), url, prefix, str(count),
-         "1" if send else "0"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(WORKER),
+            str(queue_dir),
+            url,
+            prefix,
+            str(count),
+            "1" if send else "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     returned: list[str] = []
@@ -50,8 +59,13 @@ def run_and_kill(queue_dir: Path, url: str, prefix: str, count: int, kill_after:
 
 
 def drain(queue_dir: Path, url: str) -> None:
-    with Analytics(app_id="crash-app", persistence_dir=queue_dir, base_url=url,
-                   handle_signals=False, flush_interval=0.05) as client:
+    with Analytics(
+        app_id="crash-app",
+        persistence_dir=queue_dir,
+        base_url=url,
+        handle_signals=False,
+        flush_interval=0.05,
+    ) as client:
         assert client.flush(timeout=30)
         assert client.queue_depth() == 0
 

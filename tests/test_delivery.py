@@ -214,8 +214,11 @@ def test_auth_errors_keep_events_on_disk(
     collector.reset_responses()
     client.shutdown(timeout=0.1)
     fixed = Analytics(
-        app_id="test-app", persistence_dir=client.queue_path.parent, base_url=collector.url,
-        handle_signals=False, flush_interval=60,
+        app_id="test-app",
+        persistence_dir=client.queue_path.parent,
+        base_url=collector.url,
+        handle_signals=False,
+        flush_interval=60,
     )
     try:
         assert fixed.flush(timeout=10)
@@ -328,8 +331,9 @@ def test_two_clients_one_queue_deliver_each_event_once(
 
 def test_context_manager_shuts_down_and_flushes(queue_dir: Path, collector: Collector) -> None:
     """with Analytics(...) as a: ... ships on exit; shutdown is idempotent."""
-    with Analytics(app_id="cm", persistence_dir=queue_dir, base_url=collector.url,
-                   handle_signals=False) as client:
+    with Analytics(
+        app_id="cm", persistence_dir=queue_dir, base_url=collector.url, handle_signals=False
+    ) as client:
         client.track("u", "e")
     assert collector.event_count == 1
     assert client.shutdown() is True

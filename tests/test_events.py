@@ -70,8 +70,13 @@ def test_object_form_and_optional_fields(client: Analytics) -> None:
     """track(event=..., distinct_id=...) and the common keyword options all land in the event."""
     when = dt.datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
     mid = client.track(
-        event="Signup", distinct_id="u1", properties={"plan": "pro"}, timestamp=when,
-        context={"ip": "127.0.0.1"}, message_id="my-id-1", anonymous_id="anon-9",
+        event="Signup",
+        distinct_id="u1",
+        properties={"plan": "pro"},
+        timestamp=when,
+        context={"ip": "127.0.0.1"},
+        message_id="my-id-1",
+        anonymous_id="anon-9",
         integrations={"All": True},
     )
     client.track({"event": "Dict form", "distinct_id": "u2"})
@@ -96,16 +101,20 @@ def test_event_is_a_snapshot(client: Analytics) -> None:
 def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
     """datetime, date, Decimal, UUID, tuple, set and int keys become plain JSON."""
     uid = uuid.UUID("12345678-1234-5678-1234-567812345678")
-    client.track("u", "e", {
-        "at": dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc),
-        "day": dt.date(2024, 5, 6),
-        "price": decimal.Decimal("19.99"),
-        "id": uid,
-        "pair": (1, 2),
-        "tags": {"b", "a"},
-        "by_code": {404: "missing"},
-        "text": "héllo ✓ مرحبا",
-    })
+    client.track(
+        "u",
+        "e",
+        {
+            "at": dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc),
+            "day": dt.date(2024, 5, 6),
+            "price": decimal.Decimal("19.99"),
+            "id": uid,
+            "pair": (1, 2),
+            "tags": {"b", "a"},
+            "by_code": {404: "missing"},
+            "text": "héllo ✓ مرحبا",
+        },
+    )
     props = stored(client)[0]["properties"]
     assert props == {
         "at": "2024-05-06T07:08:09+00:00",

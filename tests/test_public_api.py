@@ -14,10 +14,10 @@ from durable_analytics import errors
 def test_all_is_exactly_what_the_package_exposes() -> None:
     """__all__ lists every public name of the package and nothing it does not define."""
     public = {
-        name for name in vars(durable_analytics)
-        if not name.startswith("_") and not isinstance(
-            getattr(durable_analytics, name), type(durable_analytics)
-        )
+        name
+        for name in vars(durable_analytics)
+        if not name.startswith("_")
+        and not isinstance(getattr(durable_analytics, name), type(durable_analytics))
     }
     assert set(durable_analytics.__all__) - {"__version__"} == public
     for name in durable_analytics.__all__:

@@ -49,8 +49,16 @@ def test_schema_is_readable_with_plain_sqlite(queue: SQLiteQueue) -> None:
         events = [r[1] for r in other.execute("PRAGMA table_info(events)")]
         dead = [r[1] for r in other.execute("PRAGMA table_info(dead_letter)")]
         mode = other.execute("PRAGMA journal_mode").fetchone()[0]
-    expected = ["id", "message_id", "type", "event", "distinct_id", "created_at", "attempts",
-                "payload"]
+    expected = [
+        "id",
+        "message_id",
+        "type",
+        "event",
+        "distinct_id",
+        "created_at",
+        "attempts",
+        "payload",
+    ]
     assert events == expected
     assert dead[: len(expected)] == expected
     assert {"reason", "status_code", "failed_at"} <= set(dead)
@@ -141,7 +149,11 @@ def test_dead_letter_keeps_the_event_with_reason_and_status(queue: SQLiteQueue) 
     assert queue.depth() == 1
     (letter,) = list(queue.dead_letters())
     assert (letter.message_id, letter.reason, letter.status_code, letter.attempts) == (
-        "m1", "rejected_400", 400, 1)
+        "m1",
+        "rejected_400",
+        400,
+        1,
+    )
     assert json.loads(letter.payload)["n"] == 1
     assert queue.replay_dead_letters([letter.id]) == 1
     assert queue.dead_letter_count() == 0
@@ -178,7 +190,9 @@ def test_symlinked_directory_is_refused(tmp_path: Path) -> None:
     assert list(target.iterdir()) == []
 
 
-def test_symlinked_database_is_refused_and_victim_untouched(queue_dir: Path, tmp_path: Path) -> None:
+def test_symlinked_database_is_refused_and_victim_untouched(
+    queue_dir: Path, tmp_path: Path
+) -> None:
     """queue.db as a symlink to a victim file: refused, the victim's bytes unchanged."""
     queue_dir.mkdir(mode=0o700)
     victim = tmp_path / "victim.txt"

@@ -1,0 +1,318 @@
+"""Hostile and broken ingest servers: the flusher stays responsive and nothing is lost.
+
+Real servers on 127.0.0.1: the project's collector (scripted with ``respond_with``), plus a raw
+socket server for the one thing the collector can't do, dripping the status line and headers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from durable_analytics.collector import Collector
+from durable_analytics.errors import DurableAnalyticsError
+from durable_analytics.transport import MAX_RESPONSE_BYTES, HTTPTransport, SendFailed
+
+PAYLOAD = [json.dumps({"event": "e", "event_id": "id-1", "properties": {}})]
+
+
+@pytest.fixture
+def second_collector() -> Iterator[Collector]:
+    """Another host the first one redirects to."""
+    with Collector() as server:
+        yield server
+
+
+class DripServer:
+    """Accepts connections, reads the request, then drips ``answer`` one byte per ``every`` s."""
+
+    def __init__(self, answer: bytes, every: float) -> None:
+        self.answer = answer
+        self.every = every
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.cut = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                for i in range(len(self.answer)):
+                    if self.stopping.wait(self.every):
+                        return
+                    try:
+                        conn.sendall(self.answer[i : i + 1])
+                    except OSError:
+                        self.cut.set()  # the client hung up on us
+                        break
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def drip_server() -> Iterator[Callable[[bytes, float], DripServer]]:
+    """Start raw drip servers; all closed after the test."""
+    servers: list[DripServer] = []
+
+    def start(answer: bytes, every: float) -> DripServer:
+        server = DripServer(answer, every)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_huge_2xx_body_is_read_bounded_and_counts_as_delivered(
+    make_client: Any, collector: Collector
+) -> None:
+    """A 2xx with a 20 MB body: at most 64 KiB is read, the batch is delivered, fast."""
+    collector.respond_with(202, body=b"x" * (20 * 1024 * 1024), times=None)
+    transport = HTTPTransport(base_url=collector.url, app_id="test-app", timeout=5)
+    response = transport.send(PAYLOAD)
+    assert response.status == 202 and len(response.body) <= MAX_RESPONSE_BYTES
+    client = make_client(base_url=collector.url)
+    mid = client.track("u", "e")
+    started = time.monotonic()
+    assert client.flush(timeout=10)
+    assert time.monotonic() - started < 3
+    assert mid in collector.message_ids()
+    assert client.queue_depth() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"\x00\xff{not json at all\x13", {"Content-Type": "application/json"}),
+        (gzip.compress(b"\0" * (64 * 1024 * 1024)), {"Content-Encoding": "gzip"}),
+    ],
+    ids=["garbage", "gzip-bomb"],
+)
+def test_garbage_or_gzip_bomb_2xx_is_success_without_decoding(
+    make_client: Any, collector: Collector, body: bytes, headers: dict[str, str]
+) -> None:
+    """Only the status decides: a garbage or gzip-bomb body is never parsed or inflated."""
+    collector.respond_with(200, body=body, headers=headers, times=None)
+    response = HTTPTransport(base_url=collector.url, app_id="test-app").send(PAYLOAD)
+    assert response.status == 200
+    assert len(response.body) <= MAX_RESPONSE_BYTES
+    assert response.body == body[: len(response.body)]  # as sent: not decompressed
+    client = make_client(base_url=collector.url)
+    ids = [client.track("u", "e", {"n": n}) for n in range(3)]
+    assert client.flush(timeout=10)
+    assert set(ids) <= set(collector.message_ids())
+    assert client.stats()["dead_lettered"] == 0
+
+
+def test_a_server_that_never_answers_is_cut_and_the_batch_retried(
+    make_client: Any, collector: Collector
+) -> None:
+    """No answer at all: the request ends at request_timeout and the batch goes again."""
+    client = make_client(base_url=collector.url, request_timeout=0.5)
+    collector.respond_with(202, delay=60)
+    mid = client.track("u", "e")
+    started = time.monotonic()
+    assert client.flush(timeout=10)
+    assert 0.4 < time.monotonic() - started < 3
+    assert collector.message_ids() == [mid]  # the hung request never counted
+    assert client.stats()["retried"] == 1
+
+
+def test_a_dripping_2xx_body_is_cut_at_the_total_deadline(
+    make_client: Any, collector: Collector
+) -> None:
+    """1 byte per 0.2 s never trips a per-read timeout; the total deadline cuts it at 1 s.
+
+    The status already said 202, so the batch counts as delivered, once, and the next batch
+    goes out on a fresh connection.
+    """
+    transport = HTTPTransport(base_url=collector.url, app_id="test-app", timeout=1.0)
+    collector.respond_with(202, body=b"y" * 100, drip=0.2)
+    started = time.monotonic()
+    response = transport.send(PAYLOAD)
+    elapsed = time.monotonic() - started
+    assert response.status == 202 and 0.9 < elapsed < 1.8, elapsed
+    assert len(response.body) < 100  # cut part-way
+    assert transport.send(PAYLOAD).status == 202  # the transport is fine afterwards
+
+    client = make_client(base_url=collector.url, request_timeout=1.0, max_batch_size=2)
+    collector.clear()
+    collector.respond_with(202, body=b"y" * 100, drip=0.2)
+    ids = [client.track("u", "e", {"n": n}) for n in range(4)]
+    started = time.monotonic()
+    assert client.flush(timeout=10)
+    assert time.monotonic() - started < 2.5
+    assert collector.message_ids() == ids  # each exactly once, in order
+
+
+def test_dripping_headers_are_cut_at_the_total_deadline(
+    make_client: Any, drip_server: Callable[[bytes, float], DripServer], tmp_path: Path
+) -> None:
+    """A status line and headers dripped 1 byte per 0.2 s: SendFailed(timed_out) after 1 s.
+
+    The flusher retries the batch later (nothing lost), and shutdown() is not held up by the
+    request in progress.
+    """
+    server = drip_server(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", 0.2)
+    transport = HTTPTransport(base_url=server.url, app_id="test-app", timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(SendFailed) as info:
+        transport.send(PAYLOAD)
+    assert info.value.timed_out
+    assert 0.9 < time.monotonic() - started < 1.8
+    assert server.cut.wait(5), "the socket was not cut"
+
+    heard: list[DurableAnalyticsError] = []
+    client = make_client(base_url=server.url, request_timeout=1.0, on_error=heard.append)
+    client.track("u", "e")
+    assert client.flush(timeout=1.5) is False  # one cut request, then backoff and retry
+    started = time.monotonic()
+    assert client.shutdown(timeout=0.5) is False
+    assert time.monotonic() - started < 1.5
+    assert heard and "deadline" in str(heard[0])
+    assert make_client(send=False).queue_depth() == 1  # still on disk for the next process
+
+
+def test_shutdown_is_bounded_while_a_request_hangs(make_client: Any, collector: Collector) -> None:
+    """A request stuck for a long request_timeout does not stretch shutdown(timeout)."""
+    client = make_client(base_url=collector.url, request_timeout=30)
+    collector.respond_with(202, delay=60, times=None)
+    client.track("u", "e")
+    client.flush(timeout=0.3)  # the flusher is now inside the hung request
+    assert collector.wait_until(lambda: collector.stats()["in_flight"] == 1, timeout=5)
+    started = time.monotonic()
+    assert client.shutdown(timeout=1.0) is False
+    assert time.monotonic() - started < 2.0
+    collector.reset_responses()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_to_another_host_is_not_followed(
+    make_client: Any, collector: Collector, second_collector: Collector, status: int
+) -> None:
+    """30x to another host: not followed, the key never reaches it, the events stay queued.
+
+    Once the real endpoint answers again, the backlog is delivered, each event once.
+    """
+    key = "sk_live_redirect_SECRET"
+    heard: list[DurableAnalyticsError] = []
+    collector.respond_with(
+        status, headers={"Location": second_collector.url + "/events"}, times=None
+    )
+    client = make_client(base_url=collector.url, write_key=key, on_error=heard.append)
+    ids = [client.track("u", "e", {"n": n}) for n in range(3)]
+    assert client.flush(timeout=0.5) is False
+    assert second_collector.requests == []
+    assert collector.requests[0].headers["authorization"] == f"Bearer {key}"
+    assert client.queue_depth() == 3
+    assert heard and str(status) in str(heard[0]) and key not in str(heard[0])
+    collector.reset_responses()
+    assert client.flush(timeout=10)
+    assert collector.message_ids() == ids
+    assert second_collector.requests == []
+
+
+def test_netrc_and_proxy_variables_cannot_divert_or_reauthenticate(
+    make_client: Any, collector: Collector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ~/.netrc entry for the host and proxy variables pointing at a dead port change nothing.
+
+    requests would let a .netrc login replace our Authorization header and would route through
+    HTTP(S)_PROXY; the batch must still go straight to the collector with our key only.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login netrc-user password netrc-pass\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(netrc))
+    with socket.create_server(("127.0.0.1", 0)) as dead:
+        dead_port = dead.getsockname()[1]
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead_port}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    keyed = make_client(base_url=collector.url, write_key="sk_mine")
+    keyed.track("u", "with-key")
+    assert keyed.flush(timeout=10)
+    keyless = make_client(base_url=collector.url, persistence_dir=tmp_path / "q2")
+    keyless.track("u", "without-key")
+    assert keyless.flush(timeout=10)
+    with_key, without_key = collector.requests
+    assert with_key.headers["authorization"] == "Bearer sk_mine"
+    assert "authorization" not in without_key.headers  # netrc did not add one
+    assert collector.event_count == 2  # nothing went to the dead proxy
+
+
+def test_the_write_key_appears_in_no_error_log_or_file(
+    make_client: Any,
+    collector: Collector,
+    second_collector: Collector,
+    queue_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Across 500, 401, a redirect, a timeout and a refused connection: the key is nowhere.
+
+    Not in what listeners receive (message, repr, events), not in any log record of any
+    logger at DEBUG (urllib3's included), not in any file under the queue directory.
+    """
+    key = "sk_live_9d8c7b_NEVER_LEAK"
+    heard: list[DurableAnalyticsError] = []
+    with caplog.at_level(logging.DEBUG):
+        client = make_client(
+            base_url=collector.url,
+            write_key=key,
+            on_error=heard.append,
+            request_timeout=0.5,
+            debug=True,
+        )
+        collector.respond_with(500)
+        collector.respond_with(401)
+        collector.respond_with(307, headers={"Location": second_collector.url + "/events"})
+        collector.respond_with(202, delay=5)
+        client.track("u", "e", {"p": 1})
+        assert client.flush(timeout=15)
+        client.shutdown()
+        with Collector() as gone:
+            dead_url = gone.url
+        refused = make_client(
+            base_url=dead_url,
+            write_key=key,
+            on_error=heard.append,
+            persistence_dir=queue_dir.parent / "q-refused",
+        )
+        refused.track("u", "e")
+        assert refused.flush(timeout=0.3) is False
+        refused.shutdown(timeout=0.1)
+    assert len(heard) >= 5
+    for error in heard:
+        assert key not in str(error) and key not in repr(error)
+        assert key not in json.dumps(error.events)
+    assert key not in caplog.text
+    for directory in (queue_dir, queue_dir.parent / "q-refused"):
+        for path in directory.rglob("*"):
+            if path.is_file():
+                assert key.encode() not in path.read_bytes(), path

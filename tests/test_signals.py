@@ -1,0 +1,223 @@
+"""SIGTERM/SIGINT and interpreter exit, in real subprocesses: flush, chain, bounded, kept.
+
+Each worker's client would not send for a minute on its own, so an event at the collector was
+shipped by the signal handler or the atexit hook. Exit statuses are the conventional ones
+(-15 for SIGTERM's default action), so orchestrators and shells see what they expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from durable_analytics.collector import Collector
+
+WORKER = Path(__file__).with_name("workers") / "signal_worker.py"
+
+
+class Worker:
+    """A signal_worker.py process, always killed at the end."""
+
+    def __init__(self, mode: str, queue_dir: Path, url: str, count: int, **env: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), mode, str(queue_dir), url, str(count)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+        self.ids: list[str] = []
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        assert first, self.proc.stderr.read() if self.proc.stderr else ""
+        self.ids = json.loads(first)["ids"]
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def signal(self, signum: int) -> float:
+        os.kill(self.proc.pid, signum)
+        return time.monotonic()
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Wait for exit; returns (status, rest of stdout, stderr)."""
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+def start(workers: list[Worker], *args: object, **env: str) -> Worker:
+    worker = Worker(*args, **env)  # type: ignore[arg-type]
+    workers.append(worker)
+    return worker
+
+
+def on_disk(queue_dir: Path) -> int:
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+@pytest.mark.parametrize(
+    ("signum", "expected"),
+    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, -signal.SIGINT)],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_signal_flushes_then_the_process_dies_the_conventional_way(
+    workers: list[Worker], queue_dir: Path, collector: Collector, signum: int, expected: int
+) -> None:
+    """SIGTERM/SIGINT: every queued event is shipped, then the previous behaviour runs:
+    SIGTERM's default action (status -15), KeyboardInterrupt for SIGINT (status -2)."""
+    worker = start(workers, "default", queue_dir, collector.url, 50)
+    worker.wait_ready()
+    worker.signal(signum)
+    status, _, err = worker.finish(timeout=15)
+    assert status == expected, err
+    assert collector.message_ids() == worker.ids
+    if signum == signal.SIGINT:
+        assert "KeyboardInterrupt" in err
+
+
+def test_a_previous_python_handler_is_chained_after_the_flush(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """A handler installed before the client still runs (and decides the exit status)."""
+    worker = start(workers, "previous", queue_dir, collector.url, 20)
+    worker.wait_ready()
+    worker.signal(signal.SIGTERM)
+    status, out, err = worker.finish(timeout=15)
+    assert status == 3, err
+    assert "previous-called" in out
+    assert collector.message_ids() == worker.ids
+
+
+def test_a_server_that_replaces_our_handler_still_gets_the_atexit_flush(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """gunicorn/uvicorn install their own handlers after ours: theirs run, the process stops
+    gracefully, and the atexit hook ships the queue on the way out."""
+    worker = start(workers, "replaced", queue_dir, collector.url, 20)
+    worker.wait_ready()
+    worker.signal(signal.SIGTERM)
+    status, out, err = worker.finish(timeout=15)
+    assert status == 0, err
+    assert "stopping" in out
+    assert collector.message_ids() == worker.ids
+
+
+def test_sigterm_with_the_server_down_exits_in_time_and_keeps_the_events(
+    workers: list[Worker], queue_dir: Path
+) -> None:
+    """Nowhere to send: the handler gives up after shutdown_timeout, the process still dies
+    by SIGTERM, and every event stays on disk for the next process."""
+    with Collector() as gone:
+        url = gone.url
+    worker = start(workers, "default", queue_dir, url, 30, SHUTDOWN_TIMEOUT="1")
+    worker.wait_ready()
+    sent = worker.signal(signal.SIGTERM)
+    status, _, err = worker.finish(timeout=15)
+    assert status == -signal.SIGTERM, err
+    assert time.monotonic() - sent < 3.5
+    assert on_disk(queue_dir) == 30
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigterm_while_the_main_thread_is_inside_track_does_not_deadlock(
+    workers: list[Worker], queue_dir: Path, collector: Collector, seed: int
+) -> None:
+    """The handler runs in the main thread, maybe while it holds the queue's lock inside
+    track(); it must not wait on that lock itself. The process exits within the budget."""
+    worker = start(workers, "busy", queue_dir, collector.url, 1, SHUTDOWN_TIMEOUT="1")
+    worker.wait_ready()
+    time.sleep(random.Random(seed).uniform(0.0, 0.2))  # a random point in the loop, by design
+    sent = worker.signal(signal.SIGTERM)
+    status, _, err = worker.finish(timeout=15)
+    assert status == -signal.SIGTERM, err
+    assert time.monotonic() - sent < 4
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+def test_a_second_signal_skips_a_slow_flush(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """Ctrl-C twice: while the first signal's flush waits on a hung server, a second signal
+    goes straight to the previous handler and the process ends at once."""
+    collector.respond_with(202, delay=60, times=None)
+    worker = start(
+        workers,
+        "default",
+        queue_dir,
+        collector.url,
+        5,
+        SHUTDOWN_TIMEOUT="30",
+        REQUEST_TIMEOUT="30",
+    )
+    worker.wait_ready()
+    worker.signal(signal.SIGTERM)
+    assert collector.wait_until(lambda: collector.stats()["in_flight"] == 1, timeout=10)
+    sent = worker.signal(signal.SIGTERM)
+    status, _, err = worker.finish(timeout=15)
+    assert status == -signal.SIGTERM, err
+    assert time.monotonic() - sent < 2
+    assert on_disk(queue_dir) == 5  # not acknowledged, so still queued
+
+
+def test_the_atexit_flush_ships_on_a_normal_exit(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """A script that just ends: the atexit hook delivers what it tracked."""
+    worker = start(workers, "exit", queue_dir, collector.url, 25)
+    worker.wait_ready()
+    status, _, err = worker.finish(timeout=15)
+    assert status == 0, err
+    assert collector.message_ids() == worker.ids
+    assert on_disk(queue_dir) == 0
+
+
+def test_the_atexit_flush_is_bounded_when_the_server_hangs(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """A hung server can't hold the exit beyond shutdown_timeout; the events stay on disk."""
+    collector.respond_with(202, delay=60, times=None)
+    worker = start(
+        workers, "exit", queue_dir, collector.url, 10, SHUTDOWN_TIMEOUT="1", REQUEST_TIMEOUT="30"
+    )
+    worker.wait_ready()
+    ready = time.monotonic()
+    status, _, err = worker.finish(timeout=15)
+    assert status == 0, err
+    assert time.monotonic() - ready < 3.5
+    assert on_disk(queue_dir) == 10
+
+
+def test_handlers_are_installed_only_from_the_main_thread(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """signal.signal works only in the main thread: a client made elsewhere installs nothing
+    (and does not fail)."""
+    worker = start(workers, "thread", queue_dir, collector.url, 0)
+    status, out, err = worker.finish(timeout=15)
+    assert status == 0, err
+    assert out.strip() == "unchanged"
