@@ -1,0 +1,6 @@
+"""``python -m durable_analytics``: the command line (see cli.py)."""
+
+from durable_analytics.cli import main
+
+if __name__ == "__main__":
+    main()
