@@ -1,0 +1,85 @@
+"""The benchmark script runs end to end in its quick mode (it works; how fast is not tested here).
+
+Speed targets are measured by ``scripts/bench.py`` and reported in docs/performance.md; a unit
+test that asserted timings would fail on a busy CI machine without telling us anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench.py"
+
+EXPECTED_FIGURES = (
+    "1. track() mean",
+    "1. track() p99",
+    "2. end to end events/s",
+    "2. delivered / dropped",
+    "3. 4 threads aggregate",
+    "4. RSS added by backlog",
+    "5. restart: constructor + first track()",
+    "5. restart: queue_depth()",
+    "6. drain",
+    "7. bytes per queued event on disk",
+    "7. file after drain",
+    "8. durability=power",
+)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_of_ours_prints_every_figure(tmp_path: Path) -> None:
+    """`bench.py --quick --only ours` exits 0, prints a row per figure and writes its JSON."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+    proc = subprocess.run(
+        # Figures 1-8 only: the middleware figure belongs to scripts/bench_middleware.py.
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--only",
+            "ours",
+            "--figures",
+            "1,2,3,4,5,6,7,8",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in EXPECTED_FIGURES:
+        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
+    assert "worker failed" not in proc.stdout
+    assert "timed out" not in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["mode"] == "quick"
+    results = data["results"]
+    for key in ("latency", "e2e", "threads", "backlog", "restart", "power"):
+        assert results.get(key), f"no {key} results"
+    # The books balance however fast it ran: everything tracked is delivered or still queued.
+    assert results["threads"]["ours:4"]["unaccounted"] == 0
+    assert results["restart"]["delivered"] == results["restart"]["backlog"] + 1
+
+
+def test_unknown_system_is_refused() -> None:
+    """A typo in --only is an error naming it, not a silently empty benchmark."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "ours,segmnet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "segmnet" in proc.stderr
