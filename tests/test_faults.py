@@ -288,6 +288,9 @@ def test_another_process_that_quarantines_is_followed_not_duplicated(
         handle_signals=False,
         on_error=writer_heard.append,
     )
+    # The writer holds the damaged file open before the sender exists: the sender's flusher
+    # starts shipping (and finds the damage) as soon as it is constructed.
+    writer.track("u", "before")
     sender_heard: list[DurableAnalyticsError] = []
     sender = Analytics(
         app_id="c-app",
@@ -298,7 +301,6 @@ def test_another_process_that_quarantines_is_followed_not_duplicated(
         on_error=sender_heard.append,
     )
     try:
-        writer.track("u", "before")  # both have the damaged file open now
         sender.flush(timeout=0.5)
         assert wait_for(lambda: sender.stats()["quarantined"] == 1)
         ids = [writer.track("u", "moved-on", {"n": n}) for n in range(3)]
