@@ -700,7 +700,9 @@ class Analytics:
         budget = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         delivered = self.flush(budget) if self.config.send else self._empty()
-        self._flusher.stop(max(0.0, deadline - time.monotonic()))
+        stopped = self._flusher.stop(max(0.0, deadline - time.monotonic()))
+        if stopped and delivered:
+            self._flusher.compact_if_drained()
         self._transport.close()
         self._queue.close()
         signals.unregister(self)

@@ -55,6 +55,8 @@ logger = logging.getLogger("durable_analytics")
 MAX_RETRY_AFTER = 300.0
 # How long a partial batch may wait for more events after a threshold wake-up.
 _LINGER = 0.05
+# Seconds the queue must stay empty (no new event) after a drain before it is compacted.
+_COMPACT_IDLE = 1.0
 # WAL size past which the flusher checkpoints on its next wake-up.
 _WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
 # How often flush() re-checks the queue when another process is the one shipping from it.
@@ -139,6 +141,7 @@ class Flusher:
         # The last id when a drain emptied the queue: compact if it is still the last id
         # after an idle interval.
         self._compact_at_id: int | None = None
+        self._compact_due = 0.0
         self._failures = 0
         self._failing_since: float | None = None
         self._storage_failing = False
@@ -222,8 +225,17 @@ class Flusher:
                 wait = max(0.0, hold - now)
             else:
                 wait = self.config.flush_interval if hold <= now else hold - now
-            # A timeout (no wake-up) means the flush interval is due: send partial batches.
-            self._interval_due = not self._wake.wait(wait)
+            compact_wait = self._compact_due - now if self._compact_at_id is not None else None
+            if compact_wait is not None and compact_wait < wait:
+                # Wake for the pending compaction; that alone doesn't make the interval due.
+                woken = self._wake.wait(max(0.0, compact_wait))
+                self._interval_due = False
+                if not woken:
+                    self._compact_if_idle()
+                    continue
+            else:
+                # A timeout (no wake-up) means the flush interval is due: send partial batches.
+                self._interval_due = not self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -239,7 +251,6 @@ class Flusher:
                 continue
             self._urgent = False
             try:
-                self._compact_if_idle()
                 self._drain()
             except StorageError as exc:
                 self._storage_trouble(exc)
@@ -356,18 +367,25 @@ class Flusher:
                 if not ok:
                     return
             if sent_any and not self.queue.head():
-                # Compact later, once the queue has stayed idle for a whole interval: the
-                # truncating checkpoint holds writers, and in a burst the queue is empty
-                # between batches (a 182 ms track() stall was measured doing it here).
+                # Compact once the queue has stayed idle a while: the truncating checkpoint
+                # holds writers, and in a burst the queue is empty between batches (a 182 ms
+                # track() stall was measured compacting right here).
                 self._compact_at_id = self.queue.last_id()
+                self._compact_due = time.monotonic() + _COMPACT_IDLE
 
     def _compact_if_idle(self) -> None:
-        """Compact after a drain once no event arrived for a whole flush interval."""
-        if self._compact_at_id is None or not self._interval_due:
-            return
-        if self.queue.last_id() == self._compact_at_id:
-            self.queue.compact()
-        self._compact_at_id = None
+        """Compact if no event arrived since the drain that emptied the queue."""
+        target, self._compact_at_id = self._compact_at_id, None
+        try:
+            if target is not None and self.queue.last_id() == target:
+                self.queue.compact()
+        except StorageError as exc:
+            logger.debug("durable_analytics: compaction skipped: %s", exc)
+
+    def compact_if_drained(self) -> None:
+        """At shutdown: give the space back now if a drain emptied the queue and it stayed so."""
+        if self._compact_at_id is not None and self._pid == os.getpid():
+            self._compact_if_idle()
 
     def _linger(self, until: float) -> None:
         """Wait until ``until``, a full batch is queued, or someone wants a flush now."""

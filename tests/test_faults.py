@@ -592,3 +592,21 @@ def test_disk_space_is_given_back_after_a_large_backlog_drains(
         timeout=10,
     ), (db.stat().st_size, wal.exists() and wal.stat().st_size)
     assert collector.event_count == 5000
+
+
+def test_shutdown_after_a_full_drain_gives_the_space_back(
+    make_client: Any, collector: Collector, queue_dir: Path
+) -> None:
+    """A process that drains a large backlog and exits at once leaves a small file behind:
+    shutdown compacts when the final flush emptied the queue (no idle second needed)."""
+    offline = make_client(send=False, max_queue_size=100_000)
+    for n in range(3000):
+        offline.track("u", "backlog", {"n": n, "pad": "b" * 2000})
+    offline.shutdown()
+    db = queue_dir / "queue.db"
+    assert db.stat().st_size > 6_000_000
+    client = make_client(base_url=collector.url, max_batch_size=500)
+    assert client.flush(timeout=60)
+    assert client.shutdown(timeout=10)
+    assert db.stat().st_size < 1_000_000
+    assert collector.event_count == 3000
