@@ -93,6 +93,16 @@ def _flush_lock(directory: Path) -> tuple[threading.Lock, filelock.FileLock]:
 
 def _forget_locks_in_child() -> None:
     global _LOCKS_GUARD
+    for _, file_lock in _LOCKS.values():
+        fd = getattr(getattr(file_lock, "_context", None), "lock_file_fd", None)
+        if isinstance(fd, int):
+            # Close our copy of a descriptor the parent holds the flock through. close()
+            # doesn't unlock (unlocking would, for both): it only stops the child from
+            # keeping the lock alive, so the lock still goes when the parent dies.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    # The objects themselves are never used or collected: their release() would flock(UN)
+    # a descriptor number that may by now belong to another file.
     _ABANDONED_LOCKS.append(dict(_LOCKS))
     _LOCKS.clear()
     _LOCKS_GUARD = threading.Lock()
@@ -146,7 +156,7 @@ class Flusher:
         self._failing_since: float | None = None
         self._storage_failing = False
         # Delivered (2xx) but not yet deleted: the delete failed (see the module docstring).
-        self._unacked: list[int] = []
+        self._unacked: list[QueuedEvent] = []
 
     def after_fork(self) -> None:
         """In a forked child: no thread exists here; start a fresh one when next needed."""
@@ -187,6 +197,8 @@ class Flusher:
             return True
         if threading.current_thread() is self._thread:
             return False  # an error listener calling flush() must not wait on itself
+        if self._stop.is_set():
+            return False  # stopped (after shutdown): nothing here will ship them
         self.ensure_started()
         self.wake(urgent=True)
         with self._progress:
@@ -231,7 +243,7 @@ class Flusher:
                 woken = self._wake.wait(max(0.0, compact_wait))
                 self._interval_due = False
                 if not woken:
-                    self._compact_if_idle()
+                    self._guarded(self._compact_if_idle)
                     continue
             else:
                 # A timeout (no wake-up) means the flush interval is due: send partial batches.
@@ -242,34 +254,39 @@ class Flusher:
             if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
                 # Writers leave checkpoints to us; do it even while backing off, or a long
                 # outage would let the WAL grow with every track().
-                try:
-                    self.queue.checkpoint()
-                except StorageError as exc:  # reported by the drain below, once per streak
-                    logger.debug("durable_analytics: checkpoint skipped: %s", exc)
+                self._guarded(self.queue.checkpoint)
             now = time.monotonic()
             if now < self._server_until or (now < self._backoff_until and not self._urgent):
                 continue
             self._urgent = False
-            try:
-                self._drain()
-            except StorageError as exc:
-                self._storage_trouble(exc)
-            except Exception as exc:
-                logger.exception("durable_analytics flusher error (will retry)")
-                self.stats.record_error(exc)
-                self._back_off(None)
-                if isinstance(exc, DurableAnalyticsError):
-                    self.report(exc)
-                else:
-                    self.report(StorageError(f"flusher error: {exc!r}"))
+            self._guarded(self._drain, proves_storage=True)
+
+    def _guarded(self, step: Callable[[], object], *, proves_storage: bool = False) -> None:
+        """Run one step of the loop; whatever it raises is handled here, never fatal.
+
+        ``proves_storage``: success ends a storage-failure streak (a drain does; a checkpoint
+        alone doesn't, or a queue failing every drain would be reported again and again).
+        """
+        try:
+            step()
+        except StorageError as exc:
+            self._storage_trouble(exc)
+        except Exception as exc:
+            logger.exception("durable_analytics flusher error (will retry)")
+            self.stats.record_error(exc)
+            self._back_off(None)
+            if isinstance(exc, DurableAnalyticsError):
+                self.report(exc)
             else:
-                if self._storage_failing:
-                    self._storage_failing = False
-                    logger.warning("durable_analytics: the flusher can use the queue again")
-            finally:
-                self._report_incidents()
-                with self._progress:
-                    self._progress.notify_all()
+                self.report(StorageError(f"flusher error: {exc!r}"))
+        else:
+            if proves_storage and self._storage_failing:
+                self._storage_failing = False
+                logger.warning("durable_analytics: the flusher can use the queue again")
+        finally:
+            self._report_incidents()
+            with self._progress:
+                self._progress.notify_all()
 
     def _storage_trouble(self, exc: StorageError) -> None:
         """A storage fault while draining: back off; log and report once per streak."""
@@ -335,11 +352,11 @@ class Flusher:
                 return
             if self._unacked:
                 # Delivered last time, but the delete failed: acknowledge before sending more.
-                self.queue.delete(self._unacked)
+                self.queue.delete([e.id for e in self._unacked], source=self._unacked[0].source)
                 self._unacked = []
             sent_any = False
             linger_until: float | None = None
-            while not self._stop.is_set() or self._urgent:
+            while not self._stop.is_set():
                 batch = self.queue.read_batch(
                     self.config.max_batch_size, self.config.max_batch_bytes
                 )
@@ -376,16 +393,16 @@ class Flusher:
     def _compact_if_idle(self) -> None:
         """Compact if no event arrived since the drain that emptied the queue."""
         target, self._compact_at_id = self._compact_at_id, None
-        try:
-            if target is not None and self.queue.last_id() == target:
-                self.queue.compact()
-        except StorageError as exc:
-            logger.debug("durable_analytics: compaction skipped: %s", exc)
+        if target is not None and self.queue.last_id() == target:
+            self.queue.compact()
 
     def compact_if_drained(self) -> None:
         """At shutdown: give the space back now if a drain emptied the queue and it stayed so."""
         if self._compact_at_id is not None and self._pid == os.getpid():
-            self._compact_if_idle()
+            try:
+                self._compact_if_idle()
+            except StorageError as exc:
+                logger.debug("durable_analytics: compaction at shutdown skipped: %s", exc)
 
     def _linger(self, until: float) -> None:
         """Wait until ``until``, a full batch is queued, or someone wants a flush now."""
@@ -405,9 +422,9 @@ class Flusher:
             ids = [event.id for event in part]
             if decision.action is Action.DELIVERED:
                 try:
-                    self.queue.delete(ids)
+                    self.queue.delete(ids, source=part[0].source)
                 except StorageError:
-                    self._unacked.extend(ids)  # see the module docstring
+                    self._unacked.extend(part)  # see the module docstring
                     self.stats.add("delivered", len(part))
                     raise
                 self.stats.add("delivered", len(part))
@@ -438,7 +455,9 @@ class Flusher:
         return classify(response.status), response.status, retry_after
 
     def _dead_letter(self, part: Sequence[QueuedEvent], reason: str, status: int | None) -> None:
-        moved = self.queue.move_to_dead_letter([e.id for e in part], reason, status)
+        moved = self.queue.move_to_dead_letter(
+            [e.id for e in part], reason, status, source=part[0].source
+        )
         self.stats.add("dead_lettered", moved)
         logger.error(
             "durable_analytics: %d event(s) moved to dead_letter (%s) in %s",
@@ -485,7 +504,7 @@ class Flusher:
         self.stats.add("failed_requests")
         self.stats.add("retried", len(part))
         if decision.counts_attempt:
-            self.queue.add_attempt([e.id for e in part])
+            self.queue.add_attempt([e.id for e in part], source=part[0].source)
             spent = [e for e in part if e.attempts + 1 > self.config.max_retries]
             if spent:
                 reason = f"max_retries_{decision.reason}"

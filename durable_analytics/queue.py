@@ -136,7 +136,13 @@ SELECT_HEAD: Final = "SELECT id, created_at FROM events ORDER BY id LIMIT 1"
 # Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
 PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
 PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
-SELECT_BATCH: Final = "SELECT id, message_id, attempts, payload FROM events ORDER BY id LIMIT ?"
+# The byte length (payloads keep non-ASCII text as is, so characters would undercount).
+SELECT_BATCH: Final = (
+    "SELECT id, message_id, attempts, payload, length(CAST(payload AS BLOB)) "
+    "FROM events ORDER BY id LIMIT ?"
+)
+# Room for the request's own fields around the events ({"events":[...],"batch_id":...}).
+_ENVELOPE_BYTES: Final = 128
 # One prepared statement whatever the number of ids: the ids travel as a JSON array.
 DELETE_IDS: Final = "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
 DELETE_RANGE: Final = "DELETE FROM events WHERE id BETWEEN ? AND ?"
@@ -318,6 +324,8 @@ class QueuedEvent:
     message_id: str
     attempts: int
     payload: str
+    #: The file (st_dev, st_ino) the row was read from: its id means nothing in another file.
+    source: FileId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,21 +877,27 @@ class SQLiteQueue:
         process or a split delivered rows out of that order.
         """
         with self._flushing() as conn:
+            source = self._reader_id
             try:
                 rows = conn.execute(SELECT_BATCH, (max_count,)).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise _translate(exc, self.path) from exc
         batch: list[QueuedEvent] = []
-        size = 0
-        for row_id, message_id, attempts, payload in rows:
-            size += len(payload) + 1
+        size = _ENVELOPE_BYTES
+        for row_id, message_id, attempts, payload, length in rows:
+            size += length + 1
             if batch and size > max_bytes:
                 break
-            batch.append(QueuedEvent(row_id, message_id, attempts, payload))
+            batch.append(QueuedEvent(row_id, message_id, attempts, payload, source))
         return batch
 
-    def delete(self, ids: Sequence[int]) -> int:
-        """Acknowledge delivered events: delete exactly these ids; returns how many were there."""
+    def delete(self, ids: Sequence[int], *, source: FileId | None = None) -> int:
+        """Acknowledge delivered events: delete exactly these ids; returns how many were there.
+
+        ``source`` is the file the ids were read from (`QueuedEvent.source`): if the path now
+        names another file (replaced or quarantined meanwhile), the ids would name other,
+        unsent rows there, so nothing is deleted.
+        """
         if (
             ids
             and ids[-1] - ids[0] == len(ids) - 1
@@ -893,21 +907,32 @@ class SQLiteQueue:
             # (AUTOINCREMENT never goes back), so the range names exactly these rows, and
             # SQLite deletes it without parsing a JSON list.
             with self._flushing() as conn:
+                if self._moved(source):
+                    return 0
                 try:
                     with self._write_lock, _transaction(conn):
                         return conn.execute(DELETE_RANGE, (ids[0], ids[-1])).rowcount
                 except sqlite3.DatabaseError as exc:
                     raise _translate(exc, self.path) from exc
-        return self._write_ids(DELETE_IDS, ids)
+        return self._write_ids(DELETE_IDS, ids, source)
 
-    def add_attempt(self, ids: Sequence[int]) -> None:
+    def add_attempt(self, ids: Sequence[int], *, source: FileId | None = None) -> None:
         """Count one failed delivery attempt against these events."""
-        self._write_ids(ADD_ATTEMPT, ids)
+        self._write_ids(ADD_ATTEMPT, ids, source)
 
-    def move_to_dead_letter(self, ids: Sequence[int], reason: str, status_code: int | None) -> int:
+    def move_to_dead_letter(
+        self,
+        ids: Sequence[int],
+        reason: str,
+        status_code: int | None,
+        *,
+        source: FileId | None = None,
+    ) -> int:
         """Move events the server refused into ``dead_letter``, in one transaction."""
         ids_json = _ids_json(ids)
         with self._flushing() as conn:
+            if self._moved(source):
+                return 0
             try:
                 with self._write_lock, _transaction(conn):
                     conn.execute(
@@ -917,8 +942,14 @@ class SQLiteQueue:
             except sqlite3.DatabaseError as exc:
                 raise _translate(exc, self.path) from exc
 
-    def _write_ids(self, sql: str, ids: Sequence[int]) -> int:
+    def _moved(self, source: FileId | None) -> bool:
+        """True if the flusher's connection is no longer on the file ``source`` names."""
+        return source is not None and source != self._reader_id
+
+    def _write_ids(self, sql: str, ids: Sequence[int], source: FileId | None = None) -> int:
         with self._flushing() as conn:
+            if self._moved(source):
+                return 0
             try:
                 with self._write_lock, _transaction(conn):
                     return conn.execute(sql, (_ids_json(ids),)).rowcount
@@ -944,6 +975,8 @@ class SQLiteQueue:
                         conn.execute(CHECKPOINT_RESTART).fetchall()
             except sqlite3.OperationalError as exc:
                 logger.debug("checkpoint of %s skipped: %s", self.path, exc)
+            except sqlite3.DatabaseError as exc:  # damaged: the caller quarantines
+                raise _translate(exc, self.path) from exc
 
     @contextlib.contextmanager
     def _short_busy_timeout(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -981,6 +1014,8 @@ class SQLiteQueue:
                     conn.execute(CHECKPOINT_TRUNCATE).fetchall()
             except sqlite3.OperationalError as exc:
                 logger.debug("compacting %s skipped: %s", self.path, exc)
+            except sqlite3.DatabaseError as exc:  # damaged: the caller quarantines
+                raise _translate(exc, self.path) from exc
 
     # --- dead letters (CLI and operators) ---------------------------------------------------
 

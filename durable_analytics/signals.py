@@ -58,7 +58,7 @@ _previous: dict[int, Any] = {}
 _installed_pid: int | None = None
 _atexit_registered = False
 _handling = False
-_guard = threading.Lock()
+_guard = threading.RLock()
 
 
 def register(client: Analytics, *, install_handlers: bool) -> None:
@@ -109,10 +109,16 @@ def _live_clients() -> list[Analytics]:
         return list(_clients)
 
 
-def _run_all(action: Callable[[Analytics, float], object], budget: float) -> None:
-    """Call ``action(client, remaining)`` for every live client within one shared deadline."""
+def _run_all(
+    action: Callable[[Analytics, float], object], budget: float, clients: list[Analytics]
+) -> None:
+    """Call ``action(client, remaining)`` for each client within one shared deadline.
+
+    The caller passes the clients: the signal path snapshots them in the interrupted thread,
+    which may itself hold ``_guard``; the helper thread must not wait for it.
+    """
     deadline = time.monotonic() + budget
-    for client in _live_clients():
+    for client in clients:
         remaining = max(0.0, deadline - time.monotonic())
         try:
             action(client, min(remaining, client.config.shutdown_timeout))
@@ -132,7 +138,7 @@ def _flush_for_signal() -> None:
     budget = _budget(clients)
     helper = threading.Thread(
         target=_run_all,
-        args=(lambda client, remaining: client.flush(remaining), budget),
+        args=(lambda client, remaining: client.flush(remaining), budget, clients),
         name="durable-analytics-signal-flush",
         daemon=True,
     )
@@ -171,4 +177,6 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 
 def _at_exit() -> None:
     clients = _live_clients()
-    _run_all(lambda client, remaining: client.shutdown(timeout=remaining), _budget(clients))
+    _run_all(
+        lambda client, remaining: client.shutdown(timeout=remaining), _budget(clients), clients
+    )

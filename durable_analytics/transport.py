@@ -236,12 +236,13 @@ class _Watchdog:
                         self._armed = None
 
     def _arm(self, in_flight: _InFlight, deadline: float) -> bool:
+        if self._pid != os.getpid():
+            # Before taking the condition: a parent thread may have held it at fork time.
+            self._cond = threading.Condition()
+            self._thread = None
+            self._armed = None
+            self._pid = os.getpid()
         with self._cond:
-            if self._pid != os.getpid():
-                self._cond = threading.Condition()  # may have been held by a parent thread
-                self._thread = None
-                self._pid = os.getpid()
-                return self._arm(in_flight, deadline)
             if self._thread is None or not self._thread.is_alive():
                 thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 try:
@@ -347,6 +348,8 @@ class HTTPTransport:
         body = build_body(self.protocol, payloads)
         if self.gzip:
             body = gzip_module.compress(body, compresslevel=6)
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # a parent thread may have held it at fork time
         with self._lock:
             adapter = self._get_session().get_adapter(self.url)
         # The session's adapter with a request prepared once: Session.post would redo the

@@ -367,3 +367,45 @@ def test_events_hold_only_json_in_payload(make_client: Any, collector: Collector
     assert client.flush(timeout=10)
     assert collector.events == [json.loads(stored)]
     assert gzip.compress(b"") is not None
+
+
+def test_shutdown_stops_the_flusher_even_while_events_keep_arriving(
+    make_client: Any, collector: Collector
+) -> None:
+    """Another thread tracking throughout: after shutdown() the flusher thread ends and no
+    request goes out any more (a flush() in progress must not keep the drain loop alive)."""
+    client = make_client(base_url=collector.url, max_batch_size=5, flush_threshold=1)
+    collector.respond_with(202, delay=0.02, times=None)
+    stop = threading.Event()
+
+    def keep_tracking() -> None:
+        while not stop.is_set():
+            client.track("u", "e")
+
+    writer = threading.Thread(target=keep_tracking, daemon=True)
+    writer.start()
+    try:
+        assert collector.wait_for_requests(5, timeout=10)
+        client.shutdown(timeout=0.5)
+        thread = client._flusher._thread
+        assert thread is not None
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        sent = len(collector.requests)
+        writer.join(timeout=0.3)  # keeps tracking (to disk) meanwhile
+        assert len(collector.requests) == sent
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+        collector.reset_responses()
+
+
+def test_flush_after_shutdown_returns_at_once(make_client: Any, collector: Collector) -> None:
+    """Events tracked after shutdown stay on disk; flush() (no timeout) says so, never hangs."""
+    client = make_client(base_url=collector.url)
+    client.shutdown()
+    client.track("u", "after-shutdown")
+    started = time.monotonic()
+    assert client.flush() is False
+    assert time.monotonic() - started < 1.0
+    assert client.queue_depth() == 1

@@ -9,6 +9,7 @@ Only the NFS case is simulated, with a fake /proc/mounts, because nothing here c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -610,3 +611,31 @@ def test_shutdown_after_a_full_drain_gives_the_space_back(
     assert client.shutdown(timeout=10)
     assert db.stat().st_size < 1_000_000
     assert collector.event_count == 3000
+
+
+def test_an_ack_for_a_replaced_file_deletes_nothing_in_the_new_one(queue_dir: Path) -> None:
+    """A batch read from file A is acknowledged after A was deleted and B took its place: the
+    ids would name B's unsent rows (ids restart), so the ack must delete nothing there."""
+    from durable_analytics.events import EncodedEvent
+
+    def event(n: int) -> EncodedEvent:
+        return EncodedEvent(f"m{n}", "track", "e", "u", "t", json.dumps({"n": n}))
+
+    flushing = SQLiteQueue(queue_dir, "app", self_heal=True)
+    other: SQLiteQueue | None = None
+    try:
+        for n in range(5):
+            flushing.append(event(n))
+        batch = flushing.read_batch(100, 10**6)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(queue_dir / f"queue.db{suffix}")
+        other = SQLiteQueue(queue_dir, "app", self_heal=True)
+        for n in range(100, 103):
+            other.append(event(n))
+        assert flushing.delete([e.id for e in batch], source=batch[0].source) == 0
+        assert other.depth() == 3
+    finally:
+        flushing.close()
+        if other is not None:
+            other.close()

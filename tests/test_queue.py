@@ -113,12 +113,21 @@ def test_depth_is_shared_and_survives_hand_edits(queue_dir: Path) -> None:
 
 
 def test_read_batch_is_bounded_by_count_and_bytes(queue: SQLiteQueue) -> None:
-    """A batch is oldest first, at most max_count events and max_bytes of payload."""
+    """A batch is oldest first, at most max_count events and max_bytes of request body,
+    counted in UTF-8 bytes (not characters) with room for the request's envelope."""
+    from durable_analytics.queue import _ENVELOPE_BYTES
+
     for n in range(10):
         queue.append(event(n, size=100))
     assert [e.message_id for e in queue.read_batch(3, 10**6)] == ["m0", "m1", "m2"]
     size = len(event(0, size=100).payload) + 1
-    assert len(queue.read_batch(100, size * 4 + 1)) == 4
+    assert len(queue.read_batch(100, _ENVELOPE_BYTES + size * 4)) == 4
+    wide = json.dumps({"text": "漢字" * 100}, ensure_ascii=False)  # 600 bytes, 211 characters
+    for n in range(4):
+        queue.append(EncodedEvent(f"w{n}", "track", "e", "u", "t", wide))
+    queue.delete([e.id for e in queue.read_batch(10, 10**6)])
+    budget = _ENVELOPE_BYTES + 2 * (len(wide.encode()) + 1)
+    assert len(queue.read_batch(100, budget)) == 2
 
 
 def test_read_batch_returns_one_event_even_if_it_alone_exceeds_max_bytes(
