@@ -43,7 +43,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import Any, Literal
 
 from . import signals
@@ -613,9 +613,22 @@ class Analytics:
     # --- consent, session, inspection -------------------------------------------------------
 
     def set_consent(
-        self, *, analytics: bool | None = None, advertising: bool | None = None
+        self,
+        *,
+        analytics: bool | EllipsisType | None = ...,
+        advertising: bool | EllipsisType | None = ...,
     ) -> None:
-        """Set this client's consent; ``analytics=False`` stops events being queued."""
+        """Set this client's consent; ``analytics=False`` stops events being queued.
+
+        A value left out keeps its current setting, so ``set_consent(advertising=True)``
+        after ``set_consent(analytics=False)`` does not quietly turn analytics back on. Pass
+        None to return a value to "not stated".
+        """
+        current = self._consent
+        if analytics is ...:
+            analytics = current.analytics
+        if advertising is ...:
+            advertising = current.advertising
         for name, value in (("analytics", analytics), ("advertising", advertising)):
             if value is not None and not isinstance(value, bool):
                 raise ValidationError(name, f"must be True, False or None, got {value!r}")

@@ -229,6 +229,20 @@ def test_consent_withheld_drops_and_counts(client: Analytics) -> None:
     assert client.stats()["dropped"]["consent"] == 1
 
 
+def test_consent_left_out_keeps_its_value(client: Analytics) -> None:
+    """set_consent(advertising=True) after analytics=False keeps analytics refused; None resets."""
+    client.set_consent(analytics=False)
+    client.set_consent(advertising=True)
+    assert (client.consent.analytics, client.consent.advertising) == (False, True)
+    client.track("u", "still-refused")
+    assert stored(client) == []
+    client.set_consent(analytics=None)
+    client.track("u", "allowed-again")
+    assert [e["event"] for e in stored(client)] == ["allowed-again"]
+    with pytest.raises(ValidationError, match="analytics"):
+        client.set_consent(analytics="yes")  # type: ignore[arg-type]
+
+
 def test_queue_path_lives_in_persistence_dir(client: Analytics, queue_dir: Path) -> None:
     """The queue file is <persistence_dir>/queue.db."""
     assert client.queue_path == queue_dir / "queue.db"
