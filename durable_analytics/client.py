@@ -518,6 +518,10 @@ class Analytics:
             self._warn_trimmed(trimmed)
         if config.send and not self._closed:
             self._flusher.ensure_started()
+            # SPEC's "queue depth that wakes the flusher", counted per process: reading the
+            # shared depth on every call would cost a query, and any process that reaches the
+            # threshold wakes a flusher that can take the flush lock and ship everyone's events.
+            # Unlocked on purpose: a lost increment only delays one wake-up.
             self._pending_local += 1
             if self._pending_local >= config.flush_threshold:
                 self._pending_local = 0
