@@ -1,9 +1,10 @@
 """``durable-analytics``: see, ship, export and replay a queue; run the local collector; the demo.
 
-Built on the library's own API (`open_reader` and `SQLiteQueue` in queue.py, `Analytics`,
-`Config`, the `Collector`), never the other way round. Every command has ``--help``; commands a
-script would parse have ``--json``. Long work shows a click progress bar on stderr, only when
-stdout and stderr are both terminals; nothing asks a question unless stdin and stdout are.
+Built on the library's own API (`open_reader` in reader.py, `SQLiteQueue` in queue.py,
+`Analytics`, `Config`, the `Collector`), never the other way round. Every command has
+``--help``; commands a script would parse have ``--json``. Long work shows a click progress bar
+on stderr, only when stdout and stderr are both terminals; nothing asks a question unless stdin
+and stdout are.
 
 Exit codes (docs/cli.md):
 
@@ -48,12 +49,11 @@ from .config import ENV_PREFIX, Config, default_persistence_dir
 from .errors import ConfigurationError, DurableAnalyticsError, StorageError, StorageUnavailableError
 from .events import format_timestamp
 from .paths import DB_NAME
-from .queue import (
-    DeadLetter,
+from .queue import DeadLetter, SQLiteQueue
+from .reader import (
     EventFilter,
     PendingEvent,
     QueueReader,
-    SQLiteQueue,
     flush_lock_held,
     open_reader,
     queue_exists,

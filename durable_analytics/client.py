@@ -747,7 +747,7 @@ class Analytics:
     # --- fork ----------------------------------------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
-        # The parent's connections were closed before the fork (queue.py); anything left is
+        # The parent's connections were closed before the fork (storage.py); anything left is
         # abandoned, never closed. The flusher thread does not exist here: the next track()
         # or flush() starts this process's own, with its own HTTP session and flush lock.
         self._queue.after_fork()

@@ -34,7 +34,7 @@ from .client import Analytics
 from .collector import Collector
 from .config import ENV_PREFIX
 from .paths import DB_NAME, ensure_private_dir
-from .queue import open_reader
+from .reader import open_reader
 
 __all__ = ["DEMO_APP_ID", "DemoError", "DemoResult", "report", "run", "worker"]
 

@@ -40,7 +40,7 @@ from .errors import (
     RetryableDeliveryError,
     StorageError,
 )
-from .paths import FLUSH_LOCK_NAME, create_private_file
+from .paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
 from .queue import QueuedEvent, SQLiteQueue, decode_payload
 from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
 from .stats import Stats
@@ -77,16 +77,7 @@ def _flush_lock(directory: Path) -> tuple[threading.Lock, filelock.FileLock]:
         pair = _LOCKS.get(path)
         if pair is None:
             create_private_file(directory / FLUSH_LOCK_NAME)
-            pair = (
-                threading.Lock(),
-                filelock.FileLock(
-                    path,
-                    timeout=0,
-                    thread_local=False,
-                    preserve_lock_file=True,
-                    fallback_to_soft=False,
-                ),
-            )
+            pair = (threading.Lock(), flush_lock(directory))
             _LOCKS[path] = pair
         return pair
 

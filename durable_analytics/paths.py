@@ -25,10 +25,13 @@ in a log nobody reads does not stop two pods that share an NFS volume from corru
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from pathlib import Path
+
+import filelock
 
 from .errors import NetworkFilesystemError, StorageUnavailableError, UnsafePathError
 
@@ -41,7 +44,10 @@ __all__ = [
     "check_private_file",
     "create_private_file",
     "ensure_private_dir",
+    "file_size",
+    "flush_lock",
     "network_filesystem",
+    "wal_size",
 ]
 
 DB_NAME = "queue.db"
@@ -208,6 +214,45 @@ def check_private_file(path: Path, *, missing_ok: bool = False) -> None:
             os.chmod(path, 0o600, follow_symlinks=False)
         except OSError as exc:
             raise _os_error("cannot make private", path, exc) from exc
+
+
+# --- the files of one queue ------------------------------------------------------------------
+
+
+def wal_size(db: Path) -> int:
+    """Bytes in the database's ``-wal`` file (0 when there is none)."""
+    try:
+        return os.stat(str(db) + "-wal").st_size
+    except OSError:
+        return 0
+
+
+def file_size(db: Path) -> int:
+    """Bytes on disk: the database plus its WAL (a missing file counts 0)."""
+    total = wal_size(db)
+    with contextlib.suppress(OSError):
+        total += os.stat(db).st_size
+    return total
+
+
+def flush_lock(directory: Path) -> filelock.FileLock:
+    """A lock object for ``directory``'s flush lock; the caller makes or checks the file first.
+
+    The flusher's election and the CLI's "is anyone flushing?" probe must build it the same
+    way. ``timeout=0``: both want "free right now?", one attempt, never a wait.
+    ``thread_local=False``: one object per file is shared by the threads of a process, and a
+    forked child must find the descriptor whichever thread took the lock (flusher.py).
+    ``preserve_lock_file=True``: the path is never unlinked, so every process locks the same
+    inode. ``fallback_to_soft=False``: on a filesystem without ``flock`` fail instead of
+    silently using a marker file that a crashed holder would leave behind.
+    """
+    return filelock.FileLock(
+        str(directory / FLUSH_LOCK_NAME),
+        timeout=0,
+        thread_local=False,
+        preserve_lock_file=True,
+        fallback_to_soft=False,
+    )
 
 
 # --- network filesystems ---------------------------------------------------------------------

@@ -33,7 +33,8 @@ from durable_analytics import Analytics
 from durable_analytics import cli as cli_module
 from durable_analytics.cli import cli
 from durable_analytics.collector import Collector
-from durable_analytics.queue import SQLiteQueue, open_reader
+from durable_analytics.queue import SQLiteQueue
+from durable_analytics.reader import open_reader
 
 APP = "test-app"
 DEADLINE = 30.0  # per wait; only reached when something is broken

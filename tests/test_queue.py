@@ -18,6 +18,7 @@ from durable_analytics.errors import (
 )
 from durable_analytics.events import EncodedEvent
 from durable_analytics.queue import SQLiteQueue
+from durable_analytics.reader import open_reader
 
 
 def event(n: int, size: int = 0) -> EncodedEvent:
@@ -156,7 +157,8 @@ def test_dead_letter_keeps_the_event_with_reason_and_status(queue: SQLiteQueue) 
     queue.add_attempt([first[0].id])
     assert queue.move_to_dead_letter([first[0].id], "rejected_400", 400) == 1
     assert queue.depth() == 1
-    (letter,) = list(queue.dead_letters())
+    with open_reader(queue.directory) as reader:
+        (letter,) = list(reader.iter_dead_letters())
     assert (letter.message_id, letter.reason, letter.status_code, letter.attempts) == (
         "m1",
         "rejected_400",

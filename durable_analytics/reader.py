@@ -1,0 +1,354 @@
+"""The CLI's read-only view of a queue: it never creates, migrates or writes one.
+
+For operators and the durable-analytics command line. The file is opened with SQLite's
+``mode=ro`` and ``query_only``, and a file that is not one of our queues is refused instead of
+being given our schema (`SQLiteQueue` would create or migrate it). Listings page through the
+table by id (keyset pagination), one short read transaction per page, so exporting a million
+events holds one page in memory and never keeps the WAL from being checkpointed.
+
+Changing a queue (replaying or purging dead letters, flushing) is the library's job: the CLI
+opens a `SQLiteQueue` or an `Analytics` for that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import filelock
+
+from . import migrations
+from .errors import QueueMismatchError, StorageUnavailableError
+from .paths import (
+    DB_NAME,
+    FLUSH_LOCK_NAME,
+    check_private_file,
+    ensure_private_dir,
+    file_size,
+    flush_lock,
+)
+from .queue import COUNT_DEAD_LETTERS, SELECT_HEAD, SELECT_LAST_ID, DeadLetter
+from .recovery import translate
+from .storage import SELECT_DEPTH
+
+__all__ = [
+    "EventFilter",
+    "PendingEvent",
+    "QueueReader",
+    "flush_lock_held",
+    "open_reader",
+    "queue_exists",
+]
+
+INSPECT_PRAGMAS: Final = (
+    "PRAGMA trusted_schema = OFF",
+    "PRAGMA cell_size_check = ON",
+    "PRAGMA mmap_size = 0",
+    "PRAGMA query_only = ON",
+)
+SELECT_USER_VERSION: Final = "PRAGMA user_version"
+SELECT_QUEUE_TABLES: Final = (
+    "SELECT name FROM sqlite_master WHERE type = 'table' "
+    "AND name IN ('events', 'dead_letter', 'queue_meta', 'queue_counts')"
+)
+_QUEUE_TABLES: Final = frozenset({"events", "dead_letter", "queue_meta", "queue_counts"})
+SELECT_ALL_META: Final = "SELECT key, value FROM queue_meta ORDER BY key"
+# Filters travel as JSON arrays (or NULL for "any"), so one prepared statement serves every
+# combination of them. created_at is ISO-8601 UTC text of one fixed width, so text comparison
+# is time comparison.
+_EVENT_FILTERS: Final = (
+    " AND (:events IS NULL OR event IN (SELECT value FROM json_each(:events)))"
+    " AND (:types IS NULL OR type IN (SELECT value FROM json_each(:types)))"
+    " AND (:distinct_ids IS NULL OR distinct_id IN (SELECT value FROM json_each(:distinct_ids)))"
+    " AND (:message_ids IS NULL OR message_id IN (SELECT value FROM json_each(:message_ids)))"
+    " AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))"
+    " AND (:since IS NULL OR created_at >= :since)"
+    " AND (:until IS NULL OR created_at < :until)"
+)
+_DEAD_LETTER_FILTERS: Final = (
+    _EVENT_FILTERS + " AND (:reasons IS NULL OR reason IN (SELECT value FROM json_each(:reasons)))"
+)
+SELECT_EVENTS_PAGE: Final = (
+    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, payload "
+    "FROM events WHERE id > :after" + _EVENT_FILTERS + " ORDER BY id LIMIT :limit"
+)
+COUNT_EVENTS_MATCHING: Final = "SELECT count(*) FROM events WHERE id > 0" + _EVENT_FILTERS
+SELECT_DEAD_LETTERS_PAGE: Final = (
+    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
+    "status_code, failed_at FROM dead_letter WHERE id > :after"
+    + _DEAD_LETTER_FILTERS
+    + " ORDER BY id LIMIT :limit"
+)
+COUNT_DEAD_LETTERS_MATCHING: Final = (
+    "SELECT count(*) FROM dead_letter WHERE id > 0" + _DEAD_LETTER_FILTERS
+)
+COUNT_PENDING_THROUGH: Final = "SELECT count(*) FROM events WHERE id <= ?"
+SELECT_PENDING_BY_EVENT: Final = (
+    "SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC, event LIMIT ?"
+)
+SELECT_DEAD_LETTERS_BY_REASON: Final = (
+    "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason ORDER BY n DESC, reason"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """A row of ``events`` as an operator sees it: the indexed columns and the payload."""
+
+    id: int
+    message_id: str
+    type: str
+    event: str | None
+    distinct_id: str | None
+    created_at: str
+    attempts: int
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which rows a listing returns; an empty tuple or None means "any".
+
+    ``since`` and ``until`` bound ``created_at`` (the event's timestamp, ISO-8601 UTC as
+    stored): ``since`` inclusive, ``until`` exclusive. ``reasons`` applies to dead letters only.
+    """
+
+    events: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    distinct_ids: tuple[str, ...] = ()
+    message_ids: tuple[str, ...] = ()
+    ids: tuple[int, ...] = ()
+    since: str | None = None
+    until: str | None = None
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the filter selects every row."""
+        return self == EventFilter()
+
+    def params(self, *, dead_letters: bool) -> dict[str, Any]:
+        """The named SQL parameters for the statements above."""
+
+        def array(values: tuple[Any, ...]) -> str | None:
+            return json.dumps(list(values)) if values else None
+
+        params: dict[str, Any] = {
+            "events": array(self.events),
+            "types": array(self.types),
+            "distinct_ids": array(self.distinct_ids),
+            "message_ids": array(self.message_ids),
+            "ids": array(self.ids),
+            "since": self.since,
+            "until": self.until,
+        }
+        if dead_letters:
+            params["reasons"] = array(self.reasons)
+        return params
+
+
+class QueueReader:
+    """A read-only view of one queue on disk; open it with `open_reader`.
+
+    Every method is one short read transaction (or one per page), so a reader never blocks
+    writers or the flusher and never holds the WAL open. Use it as a context manager.
+    """
+
+    def __init__(self, directory: Path, conn: sqlite3.Connection, meta: dict[str, str]) -> None:
+        self.directory = directory
+        self.path = directory / DB_NAME
+        self._conn = conn
+        #: Every key of ``queue_meta`` (``app_id``, ``created_at``).
+        self.meta = meta
+        self.app_id = meta.get("app_id", "")
+
+    def __enter__(self) -> QueueReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+
+    def schema_version(self) -> int:
+        """``PRAGMA user_version``: how many schema steps the file has."""
+        return int(self._query(SELECT_USER_VERSION)[0][0])
+
+    def depth(self) -> int:
+        """Events waiting to be sent (O(1), as `SQLiteQueue.depth`)."""
+        return int(self._query(SELECT_DEPTH)[0][0])
+
+    def last_id(self) -> int:
+        """The id of the newest event ever appended (0 for a new queue)."""
+        return int(self._query(SELECT_LAST_ID)[0][0])
+
+    def head(self) -> tuple[int, str] | None:
+        """(id, created_at) of the oldest pending event, or None when the queue is empty."""
+        rows = self._query(SELECT_HEAD)
+        return None if not rows else (int(rows[0][0]), str(rows[0][1]))
+
+    def dead_letter_count(self) -> int:
+        """Rows in ``dead_letter``."""
+        return int(self._query(COUNT_DEAD_LETTERS)[0][0])
+
+    def pending_through(self, last_id: int) -> int:
+        """Pending events with an id up to ``last_id`` (what a flush started then still owes)."""
+        return int(self._query(COUNT_PENDING_THROUGH, (last_id,))[0][0])
+
+    def pending_by_event(self, limit: int = 10) -> list[tuple[str | None, int]]:
+        """The most frequent event names still pending, with their counts (a full scan)."""
+        return [(row[0], int(row[1])) for row in self._query(SELECT_PENDING_BY_EVENT, (limit,))]
+
+    def dead_letters_by_reason(self) -> list[tuple[str, int]]:
+        """Dead letters counted by reason, most frequent first."""
+        return [(str(row[0]), int(row[1])) for row in self._query(SELECT_DEAD_LETTERS_BY_REASON)]
+
+    def count(self, where: EventFilter, *, dead_letters: bool = False) -> int:
+        """How many pending events (or dead letters) ``where`` selects (a scan)."""
+        sql = COUNT_DEAD_LETTERS_MATCHING if dead_letters else COUNT_EVENTS_MATCHING
+        return int(self._query(sql, where.params(dead_letters=dead_letters))[0][0])
+
+    def iter_events(
+        self, where: EventFilter | None = None, *, page_size: int = 1000
+    ) -> Iterator[PendingEvent]:
+        """Stream pending events oldest first, ``page_size`` rows at a time.
+
+        Rows appended while the iteration runs are included when their page is read; rows
+        delivered meanwhile are not: each page is a fresh read of the live queue.
+        """
+        params = (where or EventFilter()).params(dead_letters=False)
+        for row in self._pages(SELECT_EVENTS_PAGE, params, page_size):
+            yield PendingEvent(*row)
+
+    def iter_dead_letters(
+        self, where: EventFilter | None = None, *, page_size: int = 1000
+    ) -> Iterator[DeadLetter]:
+        """Stream dead letters oldest first, ``page_size`` rows at a time."""
+        params = (where or EventFilter()).params(dead_letters=True)
+        for row in self._pages(SELECT_DEAD_LETTERS_PAGE, params, page_size):
+            yield DeadLetter(*row)
+
+    def _pages(self, sql: str, params: dict[str, Any], page_size: int) -> Iterator[Any]:
+        after = 0
+        while True:
+            rows = self._query(sql, {**params, "after": after, "limit": max(1, page_size)})
+            yield from rows
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+
+    def file_size(self) -> int:
+        """Bytes on disk: the database plus its WAL."""
+        return file_size(self.path)
+
+
+def queue_exists(directory: str | os.PathLike[str]) -> bool:
+    """True if ``directory`` holds a queue file that was ever opened (non-empty).
+
+    Never creates anything: the check for "is there a queue here" must not make one.
+    """
+    try:
+        return os.lstat(Path(directory) / DB_NAME).st_size > 0
+    except OSError:
+        return False
+
+
+def open_reader(
+    directory: str | os.PathLike[str],
+    *,
+    app_id: str | None = None,
+    busy_timeout: float = 5.0,
+) -> QueueReader:
+    """Open the queue in ``directory`` read-only, without creating or migrating anything.
+
+    The directory and file get the same safety checks as `SQLiteQueue` (no symlinks, no
+    foreign owner, no group/other write access).
+
+    :raises StorageUnavailableError: there is no queue file, it is locked past
+        ``busy_timeout``, or it cannot be read.
+    :raises UnsafePathError: the directory or file is a symlink, another user's, or too open.
+    :raises QueueMismatchError: the file is not a durable_analytics queue, or belongs to
+        another app than ``app_id``.
+    :raises SchemaTooNewError: the file was written by a newer durable_analytics.
+    :raises QueueCorruptError: the file is not a readable SQLite database.
+    """
+    path = Path(os.path.abspath(directory))
+    db = path / DB_NAME
+    if not queue_exists(path):
+        raise StorageUnavailableError(f"no queue at {db}", path=str(db))
+    ensure_private_dir(path, create_parents=False)
+    for suffix in ("", "-wal", "-shm"):
+        check_private_file(Path(str(db) + suffix), missing_ok=bool(suffix))
+    try:
+        conn = sqlite3.connect(
+            db.as_uri() + "?mode=ro",
+            uri=True,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.DatabaseError as exc:
+        raise translate(exc, db) from exc
+    try:
+        try:
+            for pragma in INSPECT_PRAGMAS:
+                conn.execute(pragma)
+            migrations.check_version(conn, str(db))
+            tables = {row[0] for row in conn.execute(SELECT_QUEUE_TABLES)}
+            if tables != _QUEUE_TABLES:
+                missing = ", ".join(sorted(_QUEUE_TABLES - tables))
+                raise QueueMismatchError(
+                    f"{db} is not a durable_analytics queue (no {missing} table)", path=str(db)
+                )
+            meta = {str(k): str(v) for k, v in conn.execute(SELECT_ALL_META)}
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, db) from exc
+        owner = meta.get("app_id")
+        if owner is None:
+            raise QueueMismatchError(
+                f"{db} has no app_id: not a durable_analytics queue", path=str(db)
+            )
+        if app_id is not None and owner != app_id:
+            raise QueueMismatchError(
+                f"{db} belongs to app_id {owner!r}, not {app_id!r}", path=str(db)
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return QueueReader(path, conn, meta)
+
+
+def flush_lock_held(directory: str | os.PathLike[str]) -> bool:
+    """True if a process holds this queue's flush lock now, i.e. a flusher is shipping from it.
+
+    Tries the lock without blocking and releases it at once (a flusher that wakes in that
+    microsecond skips one round). Never creates the lock file: a queue that was never
+    flushed has none, and nobody holds it.
+    """
+    path = Path(os.path.abspath(directory))
+    lock_path = path / FLUSH_LOCK_NAME
+    if not lock_path.exists():
+        return False
+    check_private_file(lock_path)
+    probe = flush_lock(path)
+    try:
+        probe.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    probe.release()
+    return False

@@ -1,0 +1,549 @@
+"""The file under a `SQLiteQueue` and this process's two connections to it.
+
+`QueueStorage` opens ``queue.db``: it checks the directory and its filesystem, creates the
+file 0600, migrates the schema and binds the app id, all under a cross-process init lock. It
+hands out the writers' connection and the flusher's, each behind its own lock and opened
+lazily, and notices when the path names another file than the one a connection has open.
+`SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
+
+After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
+"how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
+open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
+without the OS locks the other processes rely on. So a ``before`` fork hook closes every
+queue's connections in the parent (waiting, bounded, for the statement in progress); the
+child starts with none and the parent reopens lazily. Connections that could not be closed
+in time are abandoned in the child: kept alive, never closed.
+
+With ``self_heal=True`` this is also where a damaged, replaced or unavailable file is
+recovered from; recovery.py describes each case and holds the parts that need no connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, Literal
+
+import filelock
+
+from . import migrations
+from .errors import (
+    QueueCorruptError,
+    QueueMismatchError,
+    StorageError,
+    StorageUnavailableError,
+)
+from .events import format_timestamp
+from .paths import (
+    DB_NAME,
+    INIT_LOCK_NAME,
+    check_local_filesystem,
+    check_private_file,
+    create_private_file,
+    ensure_private_dir,
+)
+from .recovery import (
+    ORPHAN_PREFIX,
+    QUARANTINE_PREFIX,
+    FileId,
+    abandon,
+    check_header,
+    file_identity,
+    move_aside,
+    orphaned_wal,
+    replaced_error,
+    translate,
+)
+
+__all__ = ["QueueStorage"]
+
+# --- SQL: what runs when a connection opens ----------------------------------------------------
+
+# auto_vacuum takes effect only on a new, empty file, and only before journal_mode=WAL writes
+# the header. On an existing file, setting it is a write transaction: it would contend with
+# writers and fail on a full disk, so _connect runs it only when the file has no pages yet.
+PAGE_COUNT: Final = "PRAGMA page_count"
+SET_AUTO_VACUUM: Final = "PRAGMA auto_vacuum = INCREMENTAL"
+PRAGMAS: Final = (
+    "PRAGMA journal_mode = WAL",
+    # Untrusted-file hardening (sqlite.org/security.html): the file sits in a shared tmpdir.
+    "PRAGMA trusted_schema = OFF",
+    "PRAGMA cell_size_check = ON",
+    "PRAGMA mmap_size = 0",
+    # Keep the WAL from staying large after a burst; sent rows are zeroed, not left behind.
+    "PRAGMA journal_size_limit = 8388608",
+    "PRAGMA secure_delete = FAST",
+)
+SYNCHRONOUS: Final = {
+    "process": "PRAGMA synchronous = NORMAL",
+    "power": "PRAGMA synchronous = FULL",
+}
+SELECT_META: Final = "SELECT value FROM queue_meta WHERE key = ?"
+INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?)"
+# Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
+PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
+PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
+# The cap, per writer connection (max_size is this client's option, not the file's): after
+# each insert, delete the oldest rows beyond max_size. NEW.id - removed is the depth.
+CAP_TRIGGER: Final = (
+    "CREATE TEMP TRIGGER IF NOT EXISTS events_cap AFTER INSERT ON main.events "
+    "WHEN NEW.id - (SELECT removed FROM queue_counts WHERE id = 1) > {max_size} BEGIN "
+    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT "
+    "NEW.id - (SELECT removed FROM queue_counts WHERE id = 1) - {max_size}); END"
+)
+# Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
+# milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
+# writers at full speed would grow the WAL by tens of MB a second. So writers still
+# checkpoint once the WAL passes 2048 pages (8 MiB, the journal_size_limit), which the
+# flusher's own checkpoint at 4 MiB normally prevents: the WAL stays bounded (S10).
+WRITER_AUTOCHECKPOINT: Final = "PRAGMA wal_autocheckpoint = 2048"
+# How many events are pending, O(1): rows ever inserted minus rows ever removed. Also what a
+# replaced file is reported to have lost.
+SELECT_DEPTH: Final = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+    " - (SELECT removed FROM queue_counts WHERE id = 1)"
+)
+
+# --- this process's state, shared by its queues ------------------------------------------------
+
+# Opening a queue that was unavailable (full or read-only disk) is retried this often.
+_REOPEN_EVERY = 1.0
+
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock_for(path: Path) -> threading.Lock:
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(str(path), threading.Lock())
+
+
+def _forget_write_locks_in_child() -> None:
+    global _WRITE_LOCKS_GUARD
+    # Locks held by parent threads at fork time would never be released here.
+    _WRITE_LOCKS.clear()
+    _WRITE_LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_write_locks_in_child)
+
+
+# Every queue of this process, for the fork hooks.
+_OPEN_QUEUES: weakref.WeakSet[QueueStorage] = weakref.WeakSet()
+# Held while a thread of this process holds init.lock, so fork() waits for it: a child that
+# inherited init.lock's descriptor mid-migration would keep the lock if the parent died.
+_INIT_GUARD = threading.Lock()
+# How long fork() waits for a statement in progress before abandoning instead of closing.
+_FORK_WAIT = 2.0
+# Locks a forking thread took in the before hook, released in the parent after the fork.
+_HELD_FOR_FORK: dict[int, list[threading.Lock]] = {}
+
+
+def _before_fork() -> None:
+    """Close every queue's connections so the child inherits none (module docstring)."""
+    held: list[threading.Lock] = []
+    for queue in list(_OPEN_QUEUES):
+        if queue._pid != os.getpid():
+            continue
+        taken = []
+        for lock in (queue._lock, queue._flush_lock):
+            if not lock.acquire(timeout=_FORK_WAIT):
+                break
+            taken.append(lock)
+        if len(taken) == 2:
+            queue._release_connections()
+        held.extend(taken)
+    if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
+        held.append(_INIT_GUARD)
+    _HELD_FOR_FORK[threading.get_ident()] = held
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_HELD_FOR_FORK.pop(threading.get_ident(), [])):
+        lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _INIT_GUARD
+    # The parent's locks stay taken in this copy of memory; every queue gets fresh ones.
+    _HELD_FOR_FORK.clear()
+    _INIT_GUARD = threading.Lock()
+    for queue in list(_OPEN_QUEUES):
+        queue.after_fork()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+class QueueStorage:
+    """The file and connections under a `SQLiteQueue` (see the module docstring).
+
+    Constructed as a `SQLiteQueue`, whose docstring says what the constructor raises.
+    ``self_heal=True`` turns on the recoveries of recovery.py; each one is appended to
+    `incidents` for the owner to log and report.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        app_id: str,
+        *,
+        durability: Literal["process", "power"] = "process",
+        busy_timeout: float = 5.0,
+        max_size: int | None = None,
+        writer_checkpoints: bool = True,
+        self_heal: bool = False,
+    ) -> None:
+        self.directory = Path(os.path.abspath(directory))
+        self.path = self.directory / DB_NAME
+        self._path_str = str(self.path)
+        self.app_id = app_id
+        self.durability = durability
+        self.busy_timeout = busy_timeout
+        #: Cap on pending events (oldest dropped first); None for no cap.
+        self.max_size = max_size
+        #: False when a flusher thread checkpoints the WAL, keeping it off the track() path.
+        self.writer_checkpoints = writer_checkpoints
+        self._fresh_process_state()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._closed = False
+        #: True: recover from damaged, replaced and unavailable files (recovery.py).
+        self.self_heal = self_heal
+        #: What the queue recovered from, oldest first, for the owner to pop and report.
+        self.incidents: collections.deque[StorageError] = collections.deque()
+        # The file each connection opened, to notice when the path names another one.
+        self._writer_id: FileId | None = None
+        self._reader_id: FileId | None = None
+        self._recovered_id: FileId | None = None
+        self._ready = False
+        self._unavailable: StorageUnavailableError | None = None
+        self._retry_open_at = 0.0
+        _OPEN_QUEUES.add(self)
+        try:
+            self._open()
+        except StorageUnavailableError as exc:
+            if not self_heal:
+                raise
+            self._defer_open(exc)
+
+    def _fresh_process_state(self) -> None:
+        """This process's own locks: at construction, and in a forked child (`after_fork`).
+
+        A lock held by another parent thread at fork time would stay held forever in the
+        child, so the child never reuses one. `SQLiteQueue` extends this.
+        """
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        # Every write transaction of this process on this file takes this lock, so our own
+        # flusher and writers queue in Python instead of in SQLite's busy handler, which
+        # sleeps for milliseconds at a time.
+        self._write_lock = _write_lock_for(self.path)
+        self._pid = os.getpid()
+
+    # --- opening --------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Check the directory and its filesystem, then `_initialise`."""
+        check_local_filesystem(self.directory)  # first: nothing is created on a refused mount
+        ensure_private_dir(self.directory)
+        self._initialise()
+        self._ready = True
+        self._unavailable = None
+
+    @property
+    def unavailable(self) -> StorageUnavailableError | None:
+        """Why the queue could not be opened yet (``self_heal`` only), or None once open."""
+        return None if self._ready else self._unavailable
+
+    def _defer_open(self, exc: StorageUnavailableError) -> None:
+        self._ready = False
+        self._unavailable = exc
+        self._retry_open_at = time.monotonic() + _REOPEN_EVERY
+
+    def _ensure_ready(self) -> None:
+        """Open a queue whose open was deferred, at most once per `_REOPEN_EVERY`.
+
+        :raises StorageUnavailableError: still unavailable (at once while waiting to retry).
+        """
+        if self._unavailable is not None and time.monotonic() < self._retry_open_at:
+            raise StorageUnavailableError(str(self._unavailable), path=self._unavailable.path)
+        try:
+            self._open()
+        except StorageUnavailableError as exc:
+            self._defer_open(exc)
+            raise
+
+    @contextlib.contextmanager
+    def _init_locked(self) -> Iterator[None]:
+        """Hold init.lock (cross-process) and `_INIT_GUARD` (so fork() waits for us)."""
+        init_lock = self.directory / INIT_LOCK_NAME
+        create_private_file(init_lock)
+        lock = filelock.FileLock(str(init_lock), timeout=max(self.busy_timeout, 30.0))
+        with _INIT_GUARD:
+            try:
+                lock.acquire()
+            except filelock.Timeout as exc:
+                raise StorageUnavailableError(
+                    f"timed out waiting for {init_lock} held by another process",
+                    path=str(init_lock),
+                ) from exc
+            except OSError as exc:
+                raise StorageUnavailableError(
+                    f"cannot lock {init_lock}: {exc.strerror or exc}", path=str(init_lock)
+                ) from exc
+            try:
+                yield
+            finally:
+                lock.release()
+
+    def _initialise(self) -> None:
+        """Create or migrate the schema and bind the app id, under the cross-process init lock."""
+        for suffix in ("-wal", "-shm"):
+            check_private_file(Path(self._path_str + suffix), missing_ok=True)
+        with self._init_locked():
+            self._initialise_locked()
+
+    def _initialise_locked(self) -> None:
+        """`_initialise`'s body; the caller holds the init lock."""
+        self._set_aside_orphans()
+        create_private_file(self.path)
+        try:
+            owner = self._prepare_schema()
+        except QueueCorruptError as exc:
+            if not self.self_heal:
+                raise
+            self._move_aside(exc, QUARANTINE_PREFIX)
+            create_private_file(self.path)
+            owner = self._prepare_schema()
+        if owner != self.app_id:
+            raise QueueMismatchError(
+                f"{self.path} belongs to app_id {owner!r}, not {self.app_id!r}; "
+                "use a persistence_dir per app",
+                path=str(self.path),
+            )
+
+    def _prepare_schema(self) -> str:
+        """Check the header, migrate, bind the app id; returns the app id the file belongs to.
+
+        Cheap whatever the backlog: the header, the schema, and the first and last event
+        (two O(log N) lookups that touch both ends of the table's b-tree).
+
+        :raises QueueCorruptError: the header or SQLite says the file is damaged.
+        """
+        check_header(self.path)
+        try:
+            conn = self._connect()
+            try:
+                migrations.check_version(conn, self._path_str)
+                migrations.apply(conn)
+                conn.execute(INSERT_META, ("app_id", self.app_id))
+                conn.execute(INSERT_META, ("created_at", format_timestamp()))
+                (owner,) = conn.execute(SELECT_META, ("app_id",)).fetchone()
+                conn.execute(PROBE_FIRST).fetchone()
+                conn.execute(PROBE_LAST).fetchone()
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+        return str(owner)
+
+    def _set_aside_orphans(self) -> None:
+        """Move a ``-wal`` (and ``-shm``) whose database is missing or empty out of the way."""
+        error = orphaned_wal(self.directory)
+        if error is not None:
+            self._move_aside(error, ORPHAN_PREFIX, suffixes=("-wal", "-shm"))
+
+    def _move_aside(
+        self,
+        error: QueueCorruptError,
+        prefix: str,
+        suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
+    ) -> None:
+        """`move_aside` (the caller holds the init lock), and record ``error`` in `incidents`."""
+        move_aside(self.directory, error, prefix, suffixes)
+        self.incidents.append(error)
+
+    def quarantine(self, error: QueueCorruptError) -> None:
+        """Move the damaged file aside and start a fresh queue (see `QueueCorruptError`).
+
+        For the owner to call after an operation raised ``error``. Under the init lock it
+        checks that the file at the path is still the one our connections found damaged; if
+        another process has already moved it, this only reopens. Our connections to the
+        damaged file are abandoned, never closed.
+
+        :raises StorageError: the fresh queue could not be created (e.g. the disk is full).
+        """
+        self._check_fork()
+        with self._lock, self._flush_lock:
+            connections = [(self._writer, self._writer_id), (self._reader, self._reader_id)]
+            self._writer = self._reader = None
+            self._writer_id = self._reader_id = None
+            with self._init_locked():
+                ours = {file_id for conn, file_id in connections if conn is not None}
+                current = file_identity(self._path_str)
+                if current is not None and current in ours:
+                    # Still the file our connections found damaged. Otherwise someone (another
+                    # process, or another thread of ours) has replaced it already: reopen only.
+                    self._move_aside(error, QUARANTINE_PREFIX)
+                for conn, _ in connections:
+                    if conn is not None:
+                        abandon(conn)
+                try:
+                    self._initialise_locked()
+                except StorageUnavailableError as exc:
+                    self._defer_open(exc)
+                    raise
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN ourselves (the legacy implicit BEGIN is
+        # DEFERRED, which can fail with SQLITE_BUSY on upgrade). check_same_thread=False:
+        # each connection is guarded by its own lock instead.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            if conn.execute(PAGE_COUNT).fetchone()[0] == 0:
+                conn.execute(SET_AUTO_VACUUM)
+            for pragma in PRAGMAS:
+                conn.execute(pragma)
+            conn.execute(SYNCHRONOUS[self.durability])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self.after_fork()
+
+    def after_fork(self) -> None:
+        """Forget the parent's connections and locks in a forked child (never close them)."""
+        if self._pid == os.getpid():
+            return
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                abandon(conn)
+        self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
+        self._fresh_process_state()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The callers' connection, under its lock, opened lazily."""
+        self._check_fork()
+        with self._lock:
+            yield self._writer_connection()
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The writers' connection (the caller holds ``self._lock``).
+
+        Opened lazily; reopened when the path no longer names the file it has open (one
+        ``stat`` per operation: a write to a deleted file would be lost silently).
+        """
+        if not self._ready:
+            self._ensure_ready()
+        conn = self._writer
+        if conn is not None:
+            if file_identity(self._path_str) == self._writer_id:
+                return conn
+            self._writer = None
+            self._recover_replaced(conn, self._writer_id)
+        conn = self._open_writer()
+        self._writer_id = file_identity(self._path_str)
+        return conn
+
+    def _recover_replaced(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
+        """Our connection's file is gone from the path: abandon it, report, reopen the path."""
+        try:
+            lost: int | None = int(conn.execute(SELECT_DEPTH).fetchone()[0])
+        except sqlite3.Error:
+            lost = None
+        abandon(conn)
+        if file_id is not None and file_id != self._recovered_id:
+            # Reported once per file, though the writer and the flusher both notice it.
+            self._recovered_id = file_id
+            self.incidents.append(replaced_error(self.path, file_id, lost))
+        self._initialise()
+
+    def _release(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
+        """Close ``conn``, or abandon it if its file is no longer at the path."""
+        if file_id is not None and file_identity(self._path_str) == file_id:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        else:
+            abandon(conn)
+
+    def _release_connections(self) -> None:
+        """Close both connections (the caller holds both locks); they reopen lazily."""
+        if self._writer is not None:
+            self._release(self._writer, self._writer_id)
+        if self._reader is not None:
+            self._release(self._reader, self._reader_id)
+        self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._open_connection()
+        try:
+            if not self.writer_checkpoints:
+                # The flusher checkpoints instead (on the track() path an automatic
+                # checkpoint is a multi-millisecond stall), but see WRITER_AUTOCHECKPOINT.
+                conn.execute(WRITER_AUTOCHECKPOINT)
+            if self.max_size is not None:
+                conn.execute(CAP_TRIGGER.format(max_size=int(self.max_size)))
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise translate(exc, self.path) from exc
+        self._writer = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _flushing(self) -> Iterator[sqlite3.Connection]:
+        """The flusher's connection: reads batches and acknowledges them."""
+        self._check_fork()
+        with self._flush_lock:
+            if not self._ready:
+                self._ensure_ready()
+            conn = self._reader
+            if conn is not None and file_identity(self._path_str) != self._reader_id:
+                self._reader = None
+                self._recover_replaced(conn, self._reader_id)
+                conn = None
+            if conn is None:
+                conn = self._reader = self._open_connection()
+                self._reader_id = file_identity(self._path_str)
+            yield conn
+
+    def _open_connection(self) -> sqlite3.Connection:
+        self._closed = False
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this process's connections. Idempotent; the queue reopens lazily if used again."""
+        if self._pid != os.getpid():
+            self.after_fork()
+            return
+        with self._lock, self._flush_lock:
+            self._release_connections()
+            self._closed = True
