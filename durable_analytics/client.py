@@ -219,6 +219,14 @@ class Analytics:
         if unavailable is not None:
             self._storage_failed(unavailable, None)
         try:
+            if unavailable is None and (trimmed := self._queue.trim_to_cap()):
+                self._stats.drop("queue_full", trimmed)
+                logger.warning(
+                    "durable_analytics: the queue held more than max_queue_size=%d events; "
+                    "dropped the %d oldest at start-up",
+                    config.max_queue_size,
+                    trimmed,
+                )
             backlog = self._queue.depth() if config.send and unavailable is None else 0
         except StorageError as exc:
             self._storage_failed(exc, None)

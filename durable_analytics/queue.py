@@ -59,6 +59,7 @@ SELECT_BATCH: Final = (
 _ENVELOPE_BYTES: Final = 128
 # One prepared statement whatever the number of ids: the ids travel as a JSON array.
 DELETE_IDS: Final = "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
+TRIM_OLDEST: Final = "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)"
 DELETE_RANGE: Final = "DELETE FROM events WHERE id BETWEEN ? AND ?"
 ADD_ATTEMPT: Final = (
     "UPDATE events SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))"
@@ -435,6 +436,23 @@ class SQLiteQueue(QueueStorage):
             moved = conn.execute(REPLAY_DEAD_LETTERS, (ids_json,)).rowcount
             conn.execute(DELETE_DEAD_LETTERS, (ids_json,))
             return moved
+
+    def trim_to_cap(self, *, chunk: int = 10_000) -> int:
+        """Drop the oldest events beyond ``max_size`` now, in chunks; returns how many.
+
+        For a queue opened with a smaller cap than the backlog it holds (the cap was lowered,
+        or another process used a larger one). Without this the cap trigger would delete the
+        whole excess inside the next `append`, a pause of about 0.4 s per 200,000 rows in some
+        caller's `track()`. Each chunk is its own short transaction, so other processes'
+        writers wait at most one chunk.
+        """
+        if self.max_size is None:
+            return 0
+        trimmed = 0
+        while (excess := self.depth() - self.max_size) > 0:
+            with self._writing() as conn, self._write_transaction(conn):
+                trimmed += conn.execute(TRIM_OLDEST, (min(excess, chunk),)).rowcount
+        return trimmed
 
     def purge_dead_letters(self, ids: Sequence[int]) -> int:
         """Delete dead letters for good; returns how many."""

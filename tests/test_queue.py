@@ -8,6 +8,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -278,3 +279,38 @@ def test_a_failed_group_commit_reaches_every_caller_in_it(queue: SQLiteQueue) ->
     assert len(errors) == 4
     assert all("locked" in str(e) for e in errors)
     assert queue.depth() == 1
+
+
+def test_a_backlog_over_a_lowered_cap_is_trimmed_at_start_up(
+    make_client: Any, queue_dir: Path
+) -> None:
+    """Reopened with a smaller max_queue_size, the client drops the oldest excess in its
+    constructor (counted as queue_full), so no later track() pays for a huge delete."""
+    big = make_client(send=False, max_queue_size=1000)
+    ids = [big.track("u", "e", {"n": n}) for n in range(500)]
+    big.shutdown()
+    small = make_client(send=False, max_queue_size=120)
+    assert small.queue_depth() == 120
+    assert small.stats()["dropped"]["queue_full"] == 380
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        kept = [m for (m,) in conn.execute("SELECT message_id FROM events ORDER BY id")]
+    assert kept == ids[380:]
+    small.track("u", "newest")
+    assert small.queue_depth() == 120
+
+
+def test_trim_to_cap_works_in_chunks(queue_dir: Path) -> None:
+    """trim_to_cap removes exactly the excess, oldest first, however small its chunks."""
+    SQLiteQueue(queue_dir, "app").close()
+    uncapped = SQLiteQueue(queue_dir, "app")
+    for n in range(230):
+        uncapped.append(event(n))
+    uncapped.close()
+    capped = SQLiteQueue(queue_dir, "app", max_size=100)
+    try:
+        assert capped.trim_to_cap(chunk=40) == 130
+        assert capped.depth() == 100
+        assert capped.read_batch(1, 10**6)[0].message_id == "m130"
+        assert capped.trim_to_cap() == 0
+    finally:
+        capped.close()
