@@ -1,4 +1,4 @@
-"""``python -m durable_analytics``: the command line (see cli.py)."""
+"""``python -m durable_analytics``: the command line (see cli/)."""
 
 from durable_analytics.cli import main
 

@@ -30,8 +30,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from durable_analytics import Analytics
-from durable_analytics import cli as cli_module
+from durable_analytics.cli import _common as cli_common
 from durable_analytics.cli import cli
+from durable_analytics.cli import dead_letters as cli_dead_letters
 from durable_analytics.collector import Collector
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.reader import open_reader
@@ -200,7 +201,7 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, queue_dir: Path) -> N
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "open_reader", interrupted)
+    monkeypatch.setattr(cli_common, "open_reader", interrupted)
     result = run("status", "--dir", str(queue_dir))
     assert result.exit_code == 130
     assert "interrupted" in result.stderr
@@ -721,7 +722,7 @@ def test_dead_letters_purge_asks_on_a_terminal(
     """On a terminal purge asks first: 'n' aborts (exit 1, nothing deleted), 'y' deletes."""
     fill(queue_dir, 3)
     dead_letter(queue_dir, 3, "rejected_400", 400)
-    monkeypatch.setattr(cli_module, "_can_ask", lambda: True)
+    monkeypatch.setattr(cli_dead_letters, "_can_ask", lambda: True)
     d = str(queue_dir)
 
     declined = run("dead-letters", "purge", "--dir", d, "--id", "1", input="n\n")

@@ -1,0 +1,266 @@
+"""What every command shares: exit codes and errors, the terminal, and the queue options.
+
+Exit codes are documented in the package docstring (``durable_analytics.cli``) and docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+import click
+
+from ..config import ENV_PREFIX, Config
+from ..errors import (
+    ConfigurationError,
+    DurableAnalyticsError,
+    StorageError,
+    StorageUnavailableError,
+)
+from ..events import format_timestamp
+from ..paths import DB_NAME
+from ..reader import EventFilter, QueueReader, open_reader, queue_exists
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
+    _ParamType = click.ParamType[str, Any]
+else:  # click < 8.5 has no generic ParamType at run time
+    _ParamType = click.ParamType
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_BUSY = 4
+EXIT_UNUSABLE = 5
+EXIT_INTERRUPTED = 130
+
+EVENT_TYPES = ("track", "screen", "page", "identify", "set_user_properties", "group", "alias")
+_PAGE = 1000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CLIError(click.ClickException):
+    """An error shown as ``Error: message`` on stderr; exit 1 (the subclasses: 3, 4, 5)."""
+
+    exit_code = EXIT_FAILURE
+
+
+class QueueNotFound(CLIError):
+    """There is no queue where the command looked (exit 3)."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class QueueBusy(CLIError):
+    """The queue is locked, being flushed by another process, or its disk refuses (exit 4)."""
+
+    exit_code = EXIT_BUSY
+
+
+class QueueUnusable(CLIError):
+    """The queue is corrupt, foreign, unsafe or too new (exit 5)."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class _Group(click.Group):
+    """Maps library exceptions and Ctrl-C to the documented exit codes, for every subcommand."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from exc
+        except StorageUnavailableError as exc:
+            hint = " (another process holds it: retry, or raise --lock-timeout)"
+            raise QueueBusy(str(exc) + (hint if "locked" in str(exc) else "")) from exc
+        except StorageError as exc:
+            raise QueueUnusable(str(exc)) from exc
+        except DurableAnalyticsError as exc:
+            raise CLIError(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@dataclass(frozen=True)
+class _Settings:
+    lock_timeout: float
+
+
+# --- terminal and output ---------------------------------------------------------------------
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _interactive() -> bool:
+    """Progress bars and updating lines only when a person watches both output streams."""
+    return _isatty(sys.stdout) and _isatty(sys.stderr)
+
+
+def _can_ask() -> bool:
+    """A question needs someone to read it (stdout) and to answer it (stdin)."""
+    return _isatty(sys.stdin) and _isatty(sys.stdout)
+
+
+def _progress(length: int, label: str) -> ProgressBar[int]:
+    return click.progressbar(
+        length=max(length, 0), label=label, file=sys.stderr, hidden=not _interactive()
+    )
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]).rstrip())
+
+
+# --- times -----------------------------------------------------------------------------------
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class TimeBound(_ParamType):
+    """A point in time: ISO-8601 (naive means UTC) or an age such as ``90s``, ``15m``, ``2h``,
+    ``7d``, ``1w`` (that long ago), converted to the stored ``created_at`` format."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """Parse ``value``; a bad one is a usage error naming the option."""
+        text = str(value).strip()
+        match = _RELATIVE.fullmatch(text.lower())
+        if match:
+            return format_timestamp(time.time() - float(match[1]) * _UNITS[match[2]])
+        iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+        try:
+            return format_timestamp(dt.datetime.fromisoformat(iso))
+        except ValueError:
+            self.fail(
+                f"{value!r} is not ISO-8601 (2026-11-24T12:00:00Z) or an age (2h)", param, ctx
+            )
+
+
+# --- choosing a queue, and filters -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueTarget:
+    """The queue a command works on, as named by --app-id, --dir and --root."""
+
+    app_id: str | None = None
+    directory: Path | None = None
+    root: Path | None = None
+
+    def resolve(self) -> tuple[Path, str | None]:
+        """The queue directory, and the app id to insist on (None: whatever the file holds).
+
+        ``--dir`` wins; then ``--app-id`` (or ``$DURABLE_ANALYTICS_APP_ID``) under ``--root``, or
+        where a client with that app id keeps its queue (``$DURABLE_ANALYTICS_PERSISTENCE_DIR``,
+        else the default temp location); then ``$DURABLE_ANALYTICS_PERSISTENCE_DIR`` alone.
+
+        :raises click.UsageError: nothing names a queue.
+        :raises ConfigurationError: the app id is invalid.
+        """
+        if self.directory is not None:
+            return Path(os.path.abspath(self.directory)), self.app_id
+        env_dir = os.environ.get(ENV_PREFIX + "PERSISTENCE_DIR") or None
+        app = self.app_id or os.environ.get(ENV_PREFIX + "APP_ID") or None
+        if app is not None:
+            where = self.root / app if self.root is not None else env_dir
+            # Config validates the app id (no "../x") and applies the default location.
+            config = Config.resolve({"app_id": app, "persistence_dir": where}, environ={})
+            return config.queue_dir, app
+        if env_dir is not None:
+            return Path(os.path.abspath(env_dir)), None
+        raise click.UsageError("name a queue with --app-id or --dir (`durable-analytics queues`)")
+
+    def open(self, settings: _Settings) -> QueueReader:
+        """Open the queue read-only; never creates one.
+
+        :raises QueueNotFound: there is no queue there.
+        """
+        path, app = self.resolve()
+        if not queue_exists(path):
+            raise QueueNotFound(f"no queue at {path / DB_NAME}")
+        return open_reader(path, app_id=app, busy_timeout=settings.lock_timeout)
+
+
+def _queue_options(func: F) -> F:
+    """--app-id, --dir, --root, handed to the command as one ``target: QueueTarget``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, app_id: str | None, directory: Path | None, root: Path | None,
+                **kwargs: Any) -> Any:  # fmt: skip
+        return func(*args, target=QueueTarget(app_id, directory, root), **kwargs)
+
+    path = click.Path(file_okay=False, path_type=Path)
+    click.option("--root", type=path, help="Use <root>/<app-id> (default: the temp root).")(wrapper)
+    click.option("--dir", "directory", type=path, help="The queue directory (persistence_dir).")(
+        wrapper
+    )
+    click.option("--app-id", help=f"The app (default: ${ENV_PREFIX}APP_ID).")(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _filter_options(func: F) -> F:
+    """Row filters, handed to the command as one ``where: EventFilter``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, events: tuple[str, ...], types: tuple[str, ...],
+                distinct_ids: tuple[str, ...], message_ids: tuple[str, ...], ids: tuple[int, ...],
+                since: str | None, until: str | None, reasons: tuple[str, ...],
+                **kwargs: Any) -> Any:  # fmt: skip
+        where = EventFilter(events, types, distinct_ids, message_ids, ids, since, until, reasons)
+        return func(*args, where=where, **kwargs)
+
+    options = [
+        click.option("--event", "events", multiple=True, help="Event name (repeatable)."),
+        click.option(
+            "--type",
+            "types",
+            multiple=True,
+            type=click.Choice(EVENT_TYPES),
+            help="Event type (repeatable).",
+        ),
+        click.option("--distinct-id", "distinct_ids", multiple=True, help="User id (repeatable)."),
+        click.option(
+            "--message-id", "message_ids", multiple=True, help="The event_id (repeatable)."
+        ),
+        click.option("--id", "ids", multiple=True, type=int, help="Row id (repeatable)."),
+        click.option("--since", type=TimeBound(), help="created_at at or after TIME (or 2h, 7d)."),
+        click.option("--until", type=TimeBound(), help="created_at before TIME (or 30m)."),
+        click.option(
+            "--reason", "reasons", multiple=True, help="Dead letters only: e.g. rejected_400."
+        ),
+    ]
+    for option in reversed(options):
+        option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -1,0 +1,182 @@
+"""``dead-letters list | replay | purge``: the events the server refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from ..queue import SQLiteQueue
+from ..reader import EventFilter
+from ._common import (
+    _PAGE,
+    QueueTarget,
+    _can_ask,
+    _echo_json,
+    _filter_options,
+    _Group,
+    _json_flag,
+    _print_table,
+    _progress,
+    _queue_options,
+    _Settings,
+)
+from .reading import _row_line
+
+
+@click.group("dead-letters", cls=_Group)
+def dead_letters() -> None:
+    """List, replay or purge the events the server refused (the dead_letter table)."""
+
+
+@dead_letters.command("list")
+@_queue_options
+@_filter_options
+@click.option("--limit", "-n", type=click.IntRange(min=0), default=50, help="Default 50; 0: all.")
+@_json_flag
+@click.pass_obj
+def dead_letters_list(
+    settings: _Settings, /, target: QueueTarget, where: EventFilter, limit: int, as_json: bool
+) -> None:
+    """Show dead letters, oldest first: when and why they failed, and the event.
+
+    --json prints JSON lines, as `export --dead-letters` does.
+    """
+    table = [("ID", "FAILED AT", "REASON", "STATUS", "EVENT", "DISTINCT ID", "MESSAGE ID")]
+    shown = 0
+    with target.open(settings) as reader:
+        total = reader.count(where, dead_letters=True)
+        for row in reader.iter_dead_letters(where, page_size=min(limit, _PAGE) or _PAGE):
+            shown += 1
+            if as_json:
+                click.echo(_row_line(row, False))
+            else:
+                status_code = "-" if row.status_code is None else str(row.status_code)
+                table.append(
+                    (str(row.id), row.failed_at, row.reason, status_code, row.event or "-",
+                     row.distinct_id or "-", row.message_id)
+                )  # fmt: skip
+            if shown == limit:
+                break
+    if as_json:
+        return
+    if not shown:
+        click.echo("no dead letters" + ("" if where.is_empty else " match"))
+        return
+    _print_table(table)
+    if shown < total:
+        click.echo(f"... and {total - shown} more (--limit 0 shows all)")
+
+
+def _change_dead_letters(
+    settings: _Settings,
+    target: QueueTarget,
+    where: EventFilter,
+    select_all: bool,
+    change: Callable[[SQLiteQueue, list[int]], int] | None,
+    label: str,
+    confirm: Callable[[int, Path], None] = lambda total, path: None,
+) -> tuple[int, int]:
+    """Apply ``change`` (replay or purge) to the matching dead letters, a page at a time.
+
+    Returns (matched, changed). ``change=None`` is a dry run.
+    """
+    if where.is_empty and not select_all:
+        raise click.UsageError("choose dead letters with --reason, --id, ... or --all")
+    with target.open(settings) as reader:
+        total = reader.count(where, dead_letters=True)
+        if change is None or total == 0:
+            return total, 0
+        confirm(total, reader.path)
+        # Writes go through the library's queue (its locks and transactions), one page per
+        # transaction; the reader pages by id, so removed rows never shift the next page.
+        queue = SQLiteQueue(reader.directory, reader.app_id, busy_timeout=settings.lock_timeout)
+        done = 0
+        try:
+            with _progress(total, label) as bar:
+                page: list[int] = []
+                for row in reader.iter_dead_letters(where, page_size=_PAGE):
+                    page.append(row.id)
+                    if len(page) == _PAGE:
+                        done += change(queue, page)
+                        bar.update(len(page))
+                        page = []
+                if page:
+                    done += change(queue, page)
+                    bar.update(len(page))
+        finally:
+            queue.close()
+    return total, done
+
+
+_all_flag = click.option("--all", "select_all", is_flag=True, help="Every dead letter.")
+_dry_run_flag = click.option("--dry-run", is_flag=True, help="Only count what would change.")
+
+
+@dead_letters.command("replay")
+@_queue_options
+@_filter_options
+@_all_flag
+@_dry_run_flag
+@_json_flag
+@click.pass_obj
+def dead_letters_replay(
+    settings: _Settings,
+    /,
+    target: QueueTarget,
+    where: EventFilter,
+    select_all: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Move dead letters back to the tail of the queue, attempts reset, to be sent again.
+
+    They keep their message ids, so a server that de-duplicates stays safe. The app's flusher
+    (or `durable-analytics flush`) sends them. Choose them with filters, or --all.
+    """
+    change = None if dry_run else SQLiteQueue.replay_dead_letters
+    total, done = _change_dead_letters(settings, target, where, select_all, change, "replaying")
+    if as_json:
+        _echo_json({"matched": total, "replayed": done, "dry_run": dry_run})
+    elif dry_run:
+        click.echo(f"would replay {total} dead letter(s)")
+    else:
+        click.echo(f"replayed {done} dead letter(s); the app's flusher or `flush` will send them")
+
+
+@dead_letters.command("purge")
+@_queue_options
+@_filter_options
+@_all_flag
+@_dry_run_flag
+@click.option("--yes", "-y", is_flag=True, help="Don't ask (required without a terminal).")
+@_json_flag
+@click.pass_obj
+def dead_letters_purge(
+    settings: _Settings,
+    /,
+    target: QueueTarget,
+    where: EventFilter,
+    select_all: bool,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Delete dead letters for good; asks first unless --yes. Export them first if unsure."""
+
+    def confirm(total: int, path: Path) -> None:
+        if yes:
+            return
+        if not _can_ask():
+            raise click.UsageError(f"refusing to delete {total} dead letter(s) without --yes")
+        click.confirm(f"Delete {total} dead letter(s) from {path} for good?", abort=True)
+
+    change = None if dry_run else SQLiteQueue.purge_dead_letters
+    total, done = _change_dead_letters(
+        settings, target, where, select_all, change, "purging", confirm
+    )
+    if as_json:
+        _echo_json({"matched": total, "purged": done, "dry_run": dry_run})
+    else:
+        click.echo(f"would delete {total} dead letter(s)" if dry_run else f"deleted {done}")

@@ -1,0 +1,211 @@
+"""``collect``, ``demo`` and the hidden ``demo-worker``: run things locally, no queue named."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from .. import demo as demo_module
+from ..config import ENV_PREFIX
+from ._common import EXIT_FAILURE, CLIError, _echo_json, _interactive, _json_flag, _progress
+
+DEFAULT_COLLECT_PORT = 8765
+
+# --- collect ---------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_COLLECT_PORT,
+    show_default=True,
+    help="0: any free port (the URL is printed).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append accepted events here as JSON lines (created 0600).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between progress lines.",
+)
+@click.option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop after N s.")
+@_json_flag
+def collect(
+    host: str, port: int, out: Path | None, interval: float, duration: float, as_json: bool
+) -> None:
+    """Run the local collector: receive batches (layers, segment, gzip) and count them.
+
+    Point an app at it with DURABLE_ANALYTICS_BASE_URL=<the printed URL>. Prints a live count
+    and rate (one updating line on a terminal, else a line whenever the count changed) until
+    Ctrl-C or SIGTERM (or --duration), then a summary; exits 0. --out appends each accepted
+    event to a file as a JSON line (created 0600). --json prints JSON lines.
+    """
+    from ..collector import Collector  # only this command needs the server
+
+    collector = Collector(host, port, store_path=out, keep_records=False)
+    try:
+        collector.start()
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    live = _interactive() and not as_json
+    if as_json:
+        _echo_json({"listening": collector.url, "out": None if out is None else str(out)})
+    else:
+        click.echo(f"collecting on {collector.url} (Ctrl-C to stop)")
+        click.echo(f"  point an app at it: {ENV_PREFIX}BASE_URL={collector.url}")
+        if out:
+            click.echo(f"  appending events to {out}")
+    sys.stdout.flush()
+    stop = threading.Event()
+    deadline = time.monotonic() + duration if duration else None
+    seen, since = 0, time.monotonic()
+    with _stop_on_sigterm(stop), contextlib.suppress(KeyboardInterrupt):
+        try:
+            while not stop.wait(max(0.0, min(interval, _until(deadline)))):
+                stats, now = collector.stats(), time.monotonic()
+                if live or stats["events"] != seen:
+                    rate = (stats["events"] - seen) / max(now - since, 1e-9)
+                    _collect_line(stats, rate, as_json, live)
+                seen, since = stats["events"], now
+                if _until(deadline) <= 0:
+                    break
+        finally:
+            collector.stop()
+    final = collector.stats()
+    if live:
+        click.echo()
+    if as_json:
+        _echo_json({"final": True, **_stats_json(final, final["events_per_second"])})
+    else:
+        click.echo(
+            f"stopped: {final['events']} event(s) in {final['requests']} request(s), "
+            f"{final['rejected']} rejected, {final['events_per_second']:.1f} events/s on average"
+        )
+
+
+def _until(deadline: float | None) -> float:
+    return float("inf") if deadline is None else deadline - time.monotonic()
+
+
+def _stats_json(stats: Any, rate: float) -> dict[str, Any]:
+    return {
+        "events": stats["events"],
+        "requests": stats["requests"],
+        "rejected": stats["rejected"],
+        "events_per_second": round(rate, 1),
+        "uptime": round(stats["uptime"], 3),
+    }
+
+
+def _collect_line(stats: Any, rate: float, as_json: bool, live: bool) -> None:
+    if as_json:
+        _echo_json(_stats_json(stats, rate))
+    else:
+        text = (
+            f"{stats['events']} event(s)  {stats['requests']} request(s)  "
+            f"{stats['rejected']} rejected  {rate:.0f}/s now  "
+            f"{stats['events_per_second']:.0f}/s avg"
+        )
+        click.echo("\r" + text.ljust(78) if live else text, nl=not live)
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM sets ``stop``; only the main thread may install handlers; restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--events",
+    "-n",
+    type=click.IntRange(min=2),
+    default=1000,
+    show_default=True,
+    help="Events the two workers track in all.",
+)
+@click.option("--kill-after", type=click.IntRange(min=1), help="Default: half of --events.")
+@click.option("--rate", type=click.FloatRange(min=0), default=500.0, show_default=True,
+              help="Events per second per worker (0: as fast as possible).")  # fmt: skip
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the queue and received events here (default: a new temp directory).",
+)
+@_json_flag
+def demo(
+    events: int, kill_after: int | None, rate: float, workdir: Path | None, as_json: bool
+) -> None:
+    """Crash and resume, end to end, in seconds, against a local collector.
+
+    Starts the collector in this process and a worker process that tracks events into a
+    fresh queue; SIGKILLs the worker mid-stream; starts a second worker on the same queue;
+    prints what was tracked, delivered, duplicated and lost, and how to look at the queue
+    with sqlite3. Exit 1 if anything was lost.
+    """
+    kill = events // 2 if kill_after is None else kill_after
+    if kill >= events:
+        raise click.UsageError(f"--kill-after must be below --events ({events})")
+    try:
+        result = demo_module.run(
+            events=events,
+            kill_after=kill,
+            rate=rate,
+            say=(lambda _line: None) if as_json else click.echo,
+            progress=_progress,
+            workdir=workdir,
+        )
+    except demo_module.DemoError as exc:
+        raise CLIError(str(exc)) from exc
+    if as_json:
+        _echo_json(result.as_dict())
+    else:
+        for line in demo_module.report(result):
+            click.echo(line)
+    if result.lost:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+@click.command("demo-worker", hidden=True)
+@click.option("--dir", "directory", required=True, type=click.Path(path_type=Path))
+@click.option("--base-url", required=True)
+@click.option("--events", type=click.IntRange(min=0), required=True)
+@click.option("--start", type=click.IntRange(min=0), default=0)
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0)
+def demo_worker(directory: Path, base_url: str, events: int, start: int, rate: float) -> None:
+    """The demo's worker process: tracks events, prints each message id once track() returned."""
+    code = demo_module.worker(directory, base_url, events, start=start, rate=rate)
+    if code:
+        raise click.exceptions.Exit(code)
