@@ -53,7 +53,6 @@ EVENT_NAMES: Final = {
 
 MAX_DEPTH: Final = 32
 MAX_ID_LENGTH: Final = 255
-MAX_NAME_LENGTH: Final = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,16 +212,6 @@ def _check_id(value: Any, field: str, *, required: bool) -> str | None:
         raise ValidationError(field, "must not be empty")
     if len(value) > MAX_ID_LENGTH:
         raise ValidationError(field, f"is {len(value)} characters, at most {MAX_ID_LENGTH}")
-    return value
-
-
-def _check_name(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValidationError(field, "must be a non-empty name")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValidationError(field, f"is {len(value)} characters, at most {MAX_NAME_LENGTH}")
     return value
 
 

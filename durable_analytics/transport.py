@@ -301,7 +301,6 @@ class HTTPTransport:
         self.url = base_url.rstrip("/") + ("/v1/batch" if protocol == "segment" else "/events")
         self.timeout = timeout
         self.gzip = gzip
-        self._write_key = write_key
         self._headers = {
             "Content-Type": "application/json",
             "Accept-Encoding": "identity",

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from queue_contents import queued
 
 from durable_analytics import Analytics, ValidationError
 from durable_analytics.errors import DurableAnalyticsError, EventTooLargeError
 from durable_analytics.events import format_timestamp
-
-
-def stored(client: Analytics) -> list[dict[str, Any]]:
-    import sqlite3
-
-    with sqlite3.connect(client.queue_path) as conn:
-        return [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events ORDER BY id")]
 
 
 @pytest.fixture
@@ -31,7 +24,7 @@ def client(make_client: Any) -> Analytics:
 def test_event_anatomy_follows_layers(client: Analytics) -> None:
     """A track event carries Layers' fields, and event_id equals the returned message_id."""
     mid = client.track("user_123", "page_view", {"path": "/dashboard"})
-    (event,) = stored(client)
+    (event,) = queued(client)
     assert event["event_id"] == mid
     assert uuid.UUID(mid).version == 4
     assert event["event"] == "page_view"
@@ -55,7 +48,7 @@ def test_other_methods_map_to_documented_names(client: Analytics) -> None:
     client.set_user_properties("u", {"plan": "premium"})
     client.group("u", "company_456", {"name": "Acme"})
     client.alias("new_user_456", "old_user_123")
-    got = [(e["type"], e["event"], e["properties"]) for e in stored(client)]
+    got = [(e["type"], e["event"], e["properties"]) for e in queued(client)]
     assert got == [
         ("screen", "$screen", {"screen_name": "Dashboard", "tab": "overview"}),
         ("page", "$pageview", {"page_name": "Pricing", "url": "https://example.com/pricing"}),
@@ -80,7 +73,7 @@ def test_object_form_and_optional_fields(client: Analytics) -> None:
         integrations={"All": True},
     )
     client.track({"event": "Dict form", "distinct_id": "u2"})
-    first, second = stored(client)
+    first, second = queued(client)
     assert mid == "my-id-1" == first["event_id"]
     assert first["timestamp"] == "2024-01-02T03:04:05.678Z"
     assert first["context"]["ip"] == "127.0.0.1"
@@ -95,7 +88,7 @@ def test_event_is_a_snapshot(client: Analytics) -> None:
     client.track("u", "e", props)
     props["items"].append(3)
     props["new"] = True
-    assert stored(client)[0]["properties"] == {"items": [1, 2]}
+    assert queued(client)[0]["properties"] == {"items": [1, 2]}
 
 
 def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
@@ -115,7 +108,7 @@ def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
             "text": "héllo ✓ مرحبا",
         },
     )
-    props = stored(client)[0]["properties"]
+    props = queued(client)[0]["properties"]
     assert props == {
         "at": "2024-05-06T07:08:09+00:00",
         "day": "2024-05-06",
@@ -149,7 +142,7 @@ def test_unrepresentable_values_are_refused_naming_the_field(
         client.track("u", "e", properties)
     assert info.value.field == field
     assert isinstance(info.value, ValueError) and isinstance(info.value, DurableAnalyticsError)
-    assert [e["event"] for e in stored(client)] == ["kept"]
+    assert [e["event"] for e in queued(client)] == ["kept"]
     assert client.stats()["dropped"]["invalid"] == 1
 
 
@@ -204,7 +197,7 @@ def test_bad_arguments_name_the_field(client: Analytics, call: Any, field: str) 
 def test_anonymous_id_alone_is_enough(client: Analytics) -> None:
     """An event may carry only an anonymous_id (no distinct id), as in the seeds."""
     client.track(None, "e", anonymous_id="anon-1")
-    (event,) = stored(client)
+    (event,) = queued(client)
     assert event["app_user_id"] is None and event["anonymous_id"] == "anon-1"
 
 
@@ -224,8 +217,8 @@ def test_consent_withheld_drops_and_counts(client: Analytics) -> None:
     client.set_consent(analytics=False)
     client.track("u", "refused")
     assert client.consent.analytics is False
-    assert [e["event"] for e in stored(client)] == ["allowed"]
-    assert stored(client)[0]["context"]["consent"] == {"analytics": True, "advertising": False}
+    assert [e["event"] for e in queued(client)] == ["allowed"]
+    assert queued(client)[0]["context"]["consent"] == {"analytics": True, "advertising": False}
     assert client.stats()["dropped"]["consent"] == 1
 
 
@@ -235,10 +228,10 @@ def test_consent_left_out_keeps_its_value(client: Analytics) -> None:
     client.set_consent(advertising=True)
     assert (client.consent.analytics, client.consent.advertising) == (False, True)
     client.track("u", "still-refused")
-    assert stored(client) == []
+    assert queued(client) == []
     client.set_consent(analytics=None)
     client.track("u", "allowed-again")
-    assert [e["event"] for e in stored(client)] == ["allowed-again"]
+    assert [e["event"] for e in queued(client)] == ["allowed-again"]
     with pytest.raises(ValidationError, match="analytics"):
         client.set_consent(analytics="yes")  # type: ignore[arg-type]
 

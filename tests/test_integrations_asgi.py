@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import socket
-import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 import uvicorn
+from queue_contents import queued
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -40,16 +40,6 @@ TIMEOUT = 10.0
 def analytics(make_client: Callable[..., Analytics]) -> Analytics:
     """A client that only writes to its queue, so each test reads exactly what was recorded."""
     return make_client(app_id="asgi-tests", send=False)
-
-
-def queued(analytics: Analytics) -> list[dict[str, Any]]:
-    """The events waiting in the client's SQLite queue, oldest first, as stored."""
-    db = sqlite3.connect(analytics.queue_path)
-    try:
-        rows = db.execute("SELECT payload FROM events ORDER BY id").fetchall()
-    finally:
-        db.close()
-    return [json.loads(payload) for (payload,) in rows]
 
 
 def http_scope(path: str = "/", method: str = "GET", headers: Any = ()) -> Scope:

@@ -10,8 +10,6 @@ delivering clients are waited on with ``flush()``, which has a deadline.
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,6 +35,7 @@ from django.http import (
 )
 from django.test import AsyncClient, Client, override_settings
 from django.urls import path
+from queue_contents import queued
 
 from durable_analytics import Analytics, get_context, track_server_action
 from durable_analytics.collector import Collector
@@ -157,16 +156,6 @@ def project(**durable_analytics: Any) -> override_settings:
 def writer(make_client: Callable[..., Analytics]) -> Analytics:
     """A client that only writes to its queue, so each test reads exactly what was recorded."""
     return make_client(app_id="django-tests", send=False)
-
-
-def queued(analytics: Analytics) -> list[dict[str, Any]]:
-    """The events waiting in the client's SQLite queue, oldest first, as stored."""
-    db = sqlite3.connect(analytics.queue_path)
-    try:
-        rows = db.execute("SELECT payload FROM events ORDER BY id").fetchall()
-    finally:
-        db.close()
-    return [json.loads(payload) for (payload,) in rows]
 
 
 # --- configuration -------------------------------------------------------------------------

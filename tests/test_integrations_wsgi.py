@@ -27,6 +27,7 @@ from wsgiref.util import FileWrapper, setup_testing_defaults
 
 import pytest
 import requests
+from queue_contents import queued
 
 from durable_analytics import Analytics, get_context
 from durable_analytics.collector import Collector
@@ -44,16 +45,6 @@ StartResponse = Callable[..., Any]
 def analytics(make_client: Callable[..., Analytics]) -> Analytics:
     """A client that only writes to its queue, so each test reads exactly what was recorded."""
     return make_client(app_id="wsgi-tests", send=False)
-
-
-def queued(analytics: Analytics) -> list[dict[str, Any]]:
-    """The events waiting in the client's SQLite queue, oldest first, as stored."""
-    db = sqlite3.connect(analytics.queue_path)
-    try:
-        rows = db.execute("SELECT payload FROM events ORDER BY id").fetchall()
-    finally:
-        db.close()
-    return [json.loads(payload) for (payload,) in rows]
 
 
 def environ(path: str = "/", method: str = "GET", **headers: str) -> Environ:
