@@ -57,8 +57,12 @@ MAX_RETRY_AFTER = 300.0
 _LINGER = 0.05
 # Seconds the queue must stay empty (no new event) after a drain before it is compacted.
 _COMPACT_IDLE = 1.0
-# WAL size past which the flusher checkpoints on its next wake-up.
+# WAL size past which the flusher checkpoints on its next wake-up. The file keeps its size
+# after a checkpoint (writers start over at its beginning, and journal_size_limit trims it to
+# _WAL_LIMIT_BYTES), so the next checkpoint is due only once it grows past that size again:
+# judging by the size alone checkpointed after every batch, each checkpoint a writer stall.
 _WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+_WAL_LIMIT_BYTES = 8 * 1024 * 1024
 # How often flush() re-checks the queue when another process is the one shipping from it.
 _POLL = 0.05
 
@@ -148,6 +152,8 @@ class Flusher:
         self._storage_failing = False
         # Delivered (2xx) but not yet deleted: the delete failed (see the module docstring).
         self._unacked: list[QueuedEvent] = []
+        # The WAL size that makes the next checkpoint due (see _WAL_CHECKPOINT_BYTES).
+        self._wal_mark = _WAL_CHECKPOINT_BYTES
 
     def after_fork(self) -> None:
         """In a forked child: no thread exists here; start a fresh one when next needed."""
@@ -242,10 +248,10 @@ class Flusher:
             self._wake.clear()
             if self._stop.is_set():
                 break
-            if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
+            if self._checkpoint_due():
                 # Writers leave checkpoints to us; do it even while backing off, or a long
                 # outage would let the WAL grow with every track().
-                self._guarded(self.queue.checkpoint)
+                self._guarded(self._checkpoint)
             now = time.monotonic()
             if now < self._server_until or (now < self._backoff_until and not self._urgent):
                 continue
@@ -366,10 +372,10 @@ class Flusher:
                 linger_until = None
                 ok = self._ship(batch)
                 sent_any = True
-                if self.queue.wal_size() > _WAL_CHECKPOINT_BYTES:
+                if self._checkpoint_due():
                     # A long drain with steady writers: checkpoint as we go (S10), not only
                     # between drains, or the WAL grows for as long as the server is slow.
-                    self.queue.checkpoint()
+                    self._checkpoint()
                 with self._progress:
                     self._progress.notify_all()
                 if not ok:
@@ -380,6 +386,14 @@ class Flusher:
                 # track() stall was measured compacting right here).
                 self._compact_at_id = self.queue.last_id()
                 self._compact_due = time.monotonic() + _COMPACT_IDLE
+
+    def _checkpoint_due(self) -> bool:
+        return self.queue.wal_size() > self._wal_mark
+
+    def _checkpoint(self) -> None:
+        self.queue.checkpoint()
+        size = self.queue.wal_size()
+        self._wal_mark = min(max(size, _WAL_CHECKPOINT_BYTES), _WAL_LIMIT_BYTES)
 
     def _compact_if_idle(self) -> None:
         """Compact if no event arrived since the drain that emptied the queue."""
@@ -399,7 +413,7 @@ class Flusher:
         """Wait until ``until``, a full batch is queued, or someone wants a flush now."""
         while not (self._urgent or self._stop.is_set()):
             remaining = until - time.monotonic()
-            if remaining <= 0 or self.queue.depth() >= self.config.max_batch_size:
+            if remaining <= 0 or self.queue.depth(for_flusher=True) >= self.config.max_batch_size:
                 return
             self._wake.wait(remaining)
             self._wake.clear()

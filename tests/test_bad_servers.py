@@ -139,6 +139,30 @@ def test_a_server_that_never_answers_is_cut_and_the_batch_retried(
     assert client.stats()["retried"] == 1
 
 
+def test_a_refused_connection_is_a_network_error_not_a_timeout() -> None:
+    """urllib3 files "connection refused" under ConnectTimeoutError; it must not count as a
+    timeout, which would count an attempt against a batch the server never saw."""
+    with Collector() as gone:
+        dead_url = gone.url
+    transport = HTTPTransport(base_url=dead_url, app_id="test-app", timeout=5.0)
+    started = time.monotonic()
+    with pytest.raises(SendFailed) as caught:
+        transport.send(PAYLOAD)
+    assert caught.value.timed_out is False
+    assert "refused" in str(caught.value).lower()
+    assert time.monotonic() - started < 2
+
+
+def test_keep_alive_reuses_one_connection_for_successive_batches(collector: Collector) -> None:
+    """A fully read answer gives the connection back: the next batch needs no new handshake."""
+    transport = HTTPTransport(base_url=collector.url, app_id="test-app")
+    for _ in range(5):
+        assert transport.send(PAYLOAD).status == 202
+    pool = transport._get_pool()
+    assert pool.num_connections == 1
+    assert pool.num_requests == 5
+
+
 def test_a_dripping_2xx_body_is_cut_at_the_total_deadline(
     make_client: Any, collector: Collector
 ) -> None:
