@@ -352,8 +352,16 @@ class Flusher:
                 self.queue.delete([e.id for e in self._unacked], source=self._unacked[0].source)
                 self._unacked = []
             sent_any = False
-            linger_until: float | None = None
             while not self._stop.is_set():
+                if not (self._urgent or self._interval_due):
+                    # Decide on the O(1) depth, not on a batch read: reading a partial batch
+                    # only to read it again after the linger cost a read per batch.
+                    depth = self.queue.depth(for_flusher=True)
+                    if depth == 0:
+                        self._failures = 0
+                        break
+                    if depth < self.config.max_batch_size:
+                        self._linger(time.monotonic() + min(_LINGER, self.config.flush_interval))
                 batch = self.queue.read_batch(
                     self.config.max_batch_size, self.config.max_batch_bytes
                 )
@@ -361,15 +369,6 @@ class Flusher:
                     # Nothing left to retry: the next wait is a normal interval again.
                     self._failures = 0
                     break
-                if (
-                    len(batch) < self.config.max_batch_size
-                    and not (self._urgent or self._interval_due)
-                    and linger_until is None
-                ):
-                    linger_until = time.monotonic() + min(_LINGER, self.config.flush_interval)
-                    self._linger(linger_until)
-                    continue
-                linger_until = None
                 ok = self._ship(batch)
                 sent_any = True
                 if self._checkpoint_due():
