@@ -1,0 +1,138 @@
+"""HTTPS: certificates are verified (RELIABILITY H5), with requests' trust store.
+
+A real TLS server on 127.0.0.1 with certificates from a throwaway CA (``trustme``). A publicly
+trusted certificate for 127.0.0.1 can't be made here, so the tests that need our transport to
+trust the throwaway CA point ``DEFAULT_CA_BUNDLE_PATH`` at it; the refusal test uses the real
+bundle, which has never heard of that CA.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from durable_analytics import transport as transport_module
+from durable_analytics.transport import HTTPTransport, SendFailed
+
+PAYLOAD = ['{"event":"e","event_id":"00000000-0000-4000-8000-000000000001"}']
+
+
+class _TLSServer:
+    """HTTPS on 127.0.0.1 answering every POST with 202; counts the POSTs it read."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.posts = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                server.posts += 1
+                self.send_response(202)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # failed handshakes are what some tests are about
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def _serve(ca: trustme.CA, *hostnames: str) -> _TLSServer:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*hostnames).configure_cert(context)
+    return _TLSServer(context)
+
+
+@pytest.fixture
+def server_for_loopback(ca: trustme.CA) -> Iterator[_TLSServer]:
+    server = _serve(ca, "127.0.0.1")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def trusting_ca(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setattr(transport_module, "DEFAULT_CA_BUNDLE_PATH", str(bundle))
+
+
+def test_a_certificate_from_an_unknown_authority_is_refused_before_anything_is_sent(
+    server_for_loopback: _TLSServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = HTTPTransport(base_url=server_for_loopback.url, app_id="test-app", timeout=5.0)
+    with pytest.raises(SendFailed) as caught:
+        transport.send(PAYLOAD)
+    assert "certificate" in str(caught.value).lower()
+    assert caught.value.timed_out is False
+
+    key = "sk_tls_NEVER_LEAK"
+    with caplog.at_level(logging.DEBUG, logger="durable_analytics"):
+        client = make_client(base_url=server_for_loopback.url, write_key=key)
+        client.track("u", "e")
+        assert client.flush(timeout=0.5) is False
+        assert client.queue_depth() == 1  # kept on disk for when the certificate is fixed
+        client.shutdown(timeout=0.1)
+    assert server_for_loopback.posts == 0
+    assert key not in caplog.text
+
+
+@pytest.mark.usefixtures("trusting_ca")
+def test_a_trusted_certificate_delivers_over_one_kept_alive_connection(
+    server_for_loopback: _TLSServer, make_client: Any
+) -> None:
+    transport = HTTPTransport(base_url=server_for_loopback.url, app_id="test-app")
+    for _ in range(3):
+        assert transport.send(PAYLOAD).status == 202
+    assert transport._get_pool().num_connections == 1
+    assert server_for_loopback.posts == 3
+
+    client = make_client(base_url=server_for_loopback.url)
+    client.track("u", "e")
+    assert client.flush(timeout=10)
+    assert server_for_loopback.posts == 4
+
+
+@pytest.mark.usefixtures("trusting_ca")
+def test_a_trusted_certificate_for_another_host_name_is_refused(ca: trustme.CA) -> None:
+    server = _serve(ca, "ingest.example.org")
+    try:
+        transport = HTTPTransport(base_url=server.url, app_id="test-app", timeout=5.0)
+        with pytest.raises(SendFailed) as caught:
+            transport.send(PAYLOAD)
+        message = str(caught.value).lower()
+        assert "hostname" in message or "ip address mismatch" in message, message
+        assert server.posts == 0
+    finally:
+        server.close()
