@@ -123,7 +123,8 @@ class QueuedEvent(NamedTuple):
     """A row read from ``events`` for sending.
 
     A named tuple, not a frozen dataclass: the flusher builds one per event it sends, and a
-    frozen dataclass's ``__init__`` cost a fifth of the drain's time per batch.
+    frozen dataclass's ``__init__`` costs 0.41 µs against 0.16 µs (25 µs per 100-event batch,
+    GIL time the host's threads wait for).
     """
 
     id: int
