@@ -250,13 +250,7 @@ class SQLiteQueue(QueueStorage):
         ``for_flusher``: read it on the flusher's connection, so that the flusher polling the
         depth while it lingers never waits for, or holds up, a `track()` on the writers' lock.
         """
-        if not for_flusher:
-            return int(self._read_one(SELECT_DEPTH))
-        with self._flushing() as conn:
-            try:
-                return int(conn.execute(SELECT_DEPTH).fetchone()[0])
-            except sqlite3.DatabaseError as exc:
-                raise translate(exc, self.path) from exc
+        return int(self._read_one(SELECT_DEPTH, for_flusher=for_flusher))
 
     def last_id(self) -> int:
         """The id of the newest event ever appended (0 for a new queue)."""
@@ -275,8 +269,8 @@ class SQLiteQueue(QueueStorage):
         """Rows in ``dead_letter`` (a scan: for status displays, not hot paths)."""
         return int(self._read_one(COUNT_DEAD_LETTERS))
 
-    def _read_one(self, sql: str) -> Any:
-        with self._writing() as conn:
+    def _read_one(self, sql: str, *, for_flusher: bool = False) -> Any:
+        with self._flushing() if for_flusher else self._writing() as conn:
             try:
                 return conn.execute(sql).fetchone()[0]
             except sqlite3.DatabaseError as exc:

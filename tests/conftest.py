@@ -61,3 +61,13 @@ def make_client(queue_dir: Path) -> Iterator[Callable[..., Analytics]]:
     yield make
     for client in clients:
         client.shutdown(timeout=1.0)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Any]]:
+    """Subprocess workers a test starts (its own ``Worker`` class, anything with ``kill()``);
+    each is killed and reaped after the test, whatever the test left running."""
+    started: list[Any] = []
+    yield started
+    for worker in started:
+        worker.kill()

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,14 +57,6 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate(timeout=10)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 def start(workers: list[Worker], *args: object, **env: str) -> Worker:
