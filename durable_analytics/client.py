@@ -219,14 +219,8 @@ class Analytics:
         if unavailable is not None:
             self._storage_failed(unavailable, None)
         try:
-            if unavailable is None and (trimmed := self._queue.trim_to_cap()):
-                self._stats.drop("queue_full", trimmed)
-                logger.warning(
-                    "durable_analytics: the queue held more than max_queue_size=%d events; "
-                    "dropped the %d oldest at start-up",
-                    config.max_queue_size,
-                    trimmed,
-                )
+            # No trim here: what is queued was written by other (or dead) processes, and
+            # max_queue_size counts only this process's own events (SPEC).
             backlog = self._queue.depth() if config.send and unavailable is None else 0
         except StorageError as exc:
             self._storage_failed(exc, None)
@@ -609,18 +603,25 @@ class Analytics:
 
     def _warn_trimmed(self, trimmed: int) -> None:
         # At most one warning per interval: a full queue trims on every track(), and one
-        # log line per event would flood the host's logs.
-        self._trimmed_unlogged += trimmed
+        # log line per event would flood the host's logs. Each warning gives the real count
+        # since the previous one; what is left unreported is logged at shutdown.
         now = time.monotonic()
-        if now - self._trimmed_logged_at >= _LOG_INTERVAL:
-            logger.warning(
-                "durable_analytics: queue full (max_queue_size=%d): dropped the %d oldest "
-                "event(s) since the last warning; see stats()['dropped']['queue_full']",
-                self.config.max_queue_size,
-                self._trimmed_unlogged,
-            )
+        with self._storage_lock:
+            self._trimmed_unlogged += trimmed
+            if now - self._trimmed_logged_at < _LOG_INTERVAL:
+                return
+            count, self._trimmed_unlogged = self._trimmed_unlogged, 0
             self._trimmed_logged_at = now
-            self._trimmed_unlogged = 0
+        self._log_trimmed(count, "since the last warning")
+
+    def _log_trimmed(self, count: int, when: str) -> None:
+        logger.warning(
+            "durable_analytics: queue full (max_queue_size=%d): dropped the %d oldest "
+            "event(s) %s; see stats()['dropped']['queue_full']",
+            self.config.max_queue_size,
+            count,
+            when,
+        )
 
     # --- consent, session, inspection -------------------------------------------------------
 
@@ -731,6 +732,10 @@ class Analytics:
         self._transport.close()
         self._queue.close()
         signals.unregister(self)
+        with self._storage_lock:
+            unreported, self._trimmed_unlogged = self._trimmed_unlogged, 0
+        if unreported:
+            self._log_trimmed(unreported, "since the last warning (reported at shutdown)")
         return delivered
 
     close = shutdown

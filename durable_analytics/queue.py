@@ -42,8 +42,14 @@ logger = logging.getLogger("durable_analytics")
 # --- SQL: what the queue runs once a connection is open (storage.py has the rest) ---------
 
 INSERT_EVENT: Final = (
-    "INSERT INTO events (message_id, type, event, distinct_id, created_at, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (message_id, type, event, distinct_id, created_at, payload, writer) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# The cap (max_size counts this writer's own pending events; migrations.m002 keeps the count).
+SELECT_WRITER_PENDING: Final = "SELECT pending FROM writer_counts WHERE writer = ?"
+TRIM_WRITER: Final = (
+    "DELETE FROM events WHERE id IN "
+    "(SELECT id FROM events WHERE writer = ? ORDER BY id LIMIT ?)"
 )
 CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 SELECT_LAST_ID: Final = (
@@ -59,7 +65,6 @@ SELECT_BATCH: Final = (
 _ENVELOPE_BYTES: Final = 128
 # One prepared statement whatever the number of ids: the ids travel as a JSON array.
 DELETE_IDS: Final = "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
-TRIM_OLDEST: Final = "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)"
 DELETE_RANGE: Final = "DELETE FROM events WHERE id BETWEEN ? AND ?"
 ADD_ATTEMPT: Final = (
     "UPDATE events SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))"
@@ -185,9 +190,9 @@ class SQLiteQueue(QueueStorage):
         Group commit: concurrent callers queue their events in memory and whichever holds
         the writer connection commits everything pending in one transaction, so N threads
         pay for about one commit instead of N. Each caller still returns only once its own
-        event is committed, and gets the error if its transaction failed. The cap is a
-        trigger on the insert itself: insert and trim are one transaction, so a crash can't
-        leave the queue over the cap or an event half-written.
+        event is committed, and gets the error if its transaction failed. The cap counts and
+        trims only this writer's own rows (`_insert`), in the insert's own transaction, so a
+        crash can't leave an event half-written or another process's events trimmed.
 
         :raises StorageUnavailableError: disk full, read-only, or locked past the timeout;
             the transaction is rolled back and nothing already queued is touched.
@@ -210,23 +215,16 @@ class SQLiteQueue(QueueStorage):
         pending = self._pending
         while pending and len(batch) < _GROUP_COMMIT_MAX:
             batch.append(pending.popleft())
+        writer = self.writer_token
         rows = [
-            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload)
+            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
             for e in (p.event for p in batch)
         ]
         error: BaseException | None = None
         try:
             conn = self._writer_connection()
-            before = conn.total_changes
             with self._write_lock:
-                if len(rows) == 1:
-                    # Autocommit: one statement is one transaction, and one GIL round trip.
-                    conn.execute(INSERT_EVENT, rows[0])
-                else:
-                    with _transaction(conn):
-                        conn.executemany(INSERT_EVENT, rows)
-            # Each trimmed row counts twice: its DELETE and the counter trigger's UPDATE.
-            leader.trimmed = (conn.total_changes - before - len(rows)) // 2
+                leader.trimmed = self._insert(conn, rows)
         except sqlite3.DatabaseError as exc:
             error = translate(exc, self.path)
             error.__cause__ = exc
@@ -243,6 +241,35 @@ class SQLiteQueue(QueueStorage):
         if leader.state is _WAITING:
             # Our event was beyond this batch (a very long queue of waiters): go again.
             self._commit_pending(leader)
+
+    def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+        """Insert ``rows``, then trim this writer beyond the cap; returns how many it trimmed.
+
+        The cap count is read only when the rows may not fit the room known from the last
+        read (other processes' flushers only ever make more room), so an append normally
+        costs one INSERT; when it may overflow, insert, count and trim are one transaction.
+        """
+        writer, room = self.writer_token, self._cap_room
+        if writer is None or (room is not None and room >= len(rows)):
+            if len(rows) == 1:
+                # Autocommit: one statement is one transaction, and one GIL round trip.
+                conn.execute(INSERT_EVENT, rows[0])
+            else:
+                with _transaction(conn):
+                    conn.executemany(INSERT_EVENT, rows)
+            if room is not None:
+                self._cap_room = room - len(rows)
+            return 0
+        assert self.max_size is not None
+        self._cap_room = None  # unknown until this transaction commits
+        with _transaction(conn):
+            conn.executemany(INSERT_EVENT, rows)
+            (pending,) = conn.execute(SELECT_WRITER_PENDING, (writer,)).fetchone()
+            trimmed = 0
+            if pending > self.max_size:
+                trimmed = conn.execute(TRIM_WRITER, (writer, pending - self.max_size)).rowcount
+        self._cap_room = self.max_size - (pending - trimmed)
+        return int(trimmed)
 
     def depth(self, *, for_flusher: bool = False) -> int:
         """Events waiting in this queue, written by any process. O(1).
@@ -450,23 +477,6 @@ class SQLiteQueue(QueueStorage):
             moved = conn.execute(REPLAY_DEAD_LETTERS, (ids_json,)).rowcount
             conn.execute(DELETE_DEAD_LETTERS, (ids_json,))
             return moved
-
-    def trim_to_cap(self, *, chunk: int = 10_000) -> int:
-        """Drop the oldest events beyond ``max_size`` now, in chunks; returns how many.
-
-        For a queue opened with a smaller cap than the backlog it holds (the cap was lowered,
-        or another process used a larger one). Without this the cap trigger would delete the
-        whole excess inside the next `append`, a pause of about 0.4 s per 200,000 rows in some
-        caller's `track()`. Each chunk is its own short transaction, so other processes'
-        writers wait at most one chunk.
-        """
-        if self.max_size is None:
-            return 0
-        trimmed = 0
-        while (excess := self.depth() - self.max_size) > 0:
-            with self._writing() as conn, self._write_transaction(conn):
-                trimmed += conn.execute(TRIM_OLDEST, (min(excess, chunk),)).rowcount
-        return trimmed
 
     def purge_dead_letters(self, ids: Sequence[int]) -> int:
         """Delete dead letters for good; returns how many."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -90,14 +91,8 @@ INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?
 # Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
 PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
 PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
-# The cap, per writer connection (max_size is this client's option, not the file's): after
-# each insert, delete the oldest rows beyond max_size. NEW.id - removed is the depth.
-CAP_TRIGGER: Final = (
-    "CREATE TEMP TRIGGER IF NOT EXISTS events_cap AFTER INSERT ON main.events "
-    "WHEN NEW.id - (SELECT removed FROM queue_counts WHERE id = 1) > {max_size} BEGIN "
-    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT "
-    "NEW.id - (SELECT removed FROM queue_counts WHERE id = 1) - {max_size}); END"
-)
+# Writers that have nothing pending any more (dead processes, closed clients): at open.
+FORGET_IDLE_WRITERS: Final = "DELETE FROM writer_counts WHERE pending <= 0"
 # Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
 # milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
 # writers at full speed would grow the WAL by tens of MB a second. So writers still
@@ -211,7 +206,8 @@ class QueueStorage:
         self.app_id = app_id
         self.durability = durability
         self.busy_timeout = busy_timeout
-        #: Cap on pending events (oldest dropped first); None for no cap.
+        #: Cap on the pending events this process appended (its oldest dropped first); None
+        #: for no cap. Other processes' events never count against it and are never trimmed.
         self.max_size = max_size
         #: False when a flusher thread checkpoints the WAL, keeping it off the track() path.
         self.writer_checkpoints = writer_checkpoints
@@ -251,6 +247,13 @@ class QueueStorage:
         # sleeps for milliseconds at a time.
         self._write_lock = _write_lock_for(self.path)
         self._pid = os.getpid()
+        # Stamped on every row this process appends while capped, so the cap trims only our
+        # own rows (queue.py); a forked child is another writer with its own count.
+        self.writer_token: int | None = (
+            None if self.max_size is None else secrets.randbits(62) + 1
+        )
+        # Appends that surely fit under the cap before the count must be read again.
+        self._cap_room: int | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -353,6 +356,7 @@ class QueueStorage:
                 (owner,) = conn.execute(SELECT_META, ("app_id",)).fetchone()
                 conn.execute(PROBE_FIRST).fetchone()
                 conn.execute(PROBE_LAST).fetchone()
+                conn.execute(FORGET_IDLE_WRITERS)
             finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
@@ -466,6 +470,7 @@ class QueueStorage:
             self._recover_replaced(conn, self._writer_id)
         conn = self._open_writer()
         self._writer_id = file_identity(self._path_str)
+        self._cap_room = None  # another file: our count there is unknown
         return conn
 
     def _recover_replaced(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
@@ -505,8 +510,6 @@ class QueueStorage:
                 # The flusher checkpoints instead (on the track() path an automatic
                 # checkpoint is a multi-millisecond stall), but see WRITER_AUTOCHECKPOINT.
                 conn.execute(WRITER_AUTOCHECKPOINT)
-            if self.max_size is not None:
-                conn.execute(CAP_TRIGGER.format(max_size=int(self.max_size)))
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise translate(exc, self.path) from exc
