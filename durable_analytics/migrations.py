@@ -77,9 +77,7 @@ def m002_writer_counts(db: sqlite_utils.Database) -> None:
     when its count reaches 0 and a live writer simply creates it again.
     """
     db.execute("ALTER TABLE events ADD COLUMN writer INTEGER")
-    db.execute(
-        "CREATE TABLE writer_counts (writer INTEGER PRIMARY KEY, pending INTEGER NOT NULL)"
-    )
+    db.execute("CREATE TABLE writer_counts (writer INTEGER PRIMARY KEY, pending INTEGER NOT NULL)")
     db.execute(
         "CREATE TRIGGER events_writer_added AFTER INSERT ON events "
         "WHEN NEW.writer IS NOT NULL BEGIN "

@@ -48,8 +48,7 @@ INSERT_EVENT: Final = (
 # The cap (max_size counts this writer's own pending events; migrations.m002 keeps the count).
 SELECT_WRITER_PENDING: Final = "SELECT pending FROM writer_counts WHERE writer = ?"
 TRIM_WRITER: Final = (
-    "DELETE FROM events WHERE id IN "
-    "(SELECT id FROM events WHERE writer = ? ORDER BY id LIMIT ?)"
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE writer = ? ORDER BY id LIMIT ?)"
 )
 CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 SELECT_LAST_ID: Final = (

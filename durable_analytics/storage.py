@@ -249,9 +249,7 @@ class QueueStorage:
         self._pid = os.getpid()
         # Stamped on every row this process appends while capped, so the cap trims only our
         # own rows (queue.py); a forked child is another writer with its own count.
-        self.writer_token: int | None = (
-            None if self.max_size is None else secrets.randbits(62) + 1
-        )
+        self.writer_token: int | None = None if self.max_size is None else secrets.randbits(62) + 1
         # Appends that surely fit under the cap before the count must be read again.
         self._cap_room: int | None = None
 

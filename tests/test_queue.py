@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import sqlite3
 import stat
 from collections.abc import Iterator
