@@ -482,7 +482,12 @@ class QueueStorage:
             # Reported once per file, though the writer and the flusher both notice it.
             self._recovered_id = file_id
             self.incidents.append(replaced_error(self.path, file_id, lost))
-        self._initialise()
+        # The whole directory may be gone too (a cleaner, rm -r), or recreated by someone
+        # else: re-create it ourselves (0700) and re-check owner and mode, as on first open.
+        # Until that succeeds every use goes through `_ensure_ready` again, never straight
+        # to a connection into a directory we did not check.
+        self._ready = False
+        self._open()
 
     def _release(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
         """Close ``conn``, or abandon it if its file is no longer at the path."""

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -639,3 +640,57 @@ def test_an_ack_for_a_replaced_file_deletes_nothing_in_the_new_one(queue_dir: Pa
         flushing.close()
         if other is not None:
             other.close()
+
+
+def test_queue_directory_removed_while_running_is_recreated_privately(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """Issue 10 item 5: the whole queue directory removed under a running client (a cleaner,
+    an operator's rm -r) is recreated 0700 by the next track(); what was pending in it is
+    counted as lost, and later events are queued and delivered, not dropped until restart."""
+    heard: list[DurableAnalyticsError] = []
+    client = Analytics(
+        app_id="s13",
+        persistence_dir=queue_dir,
+        base_url=collector.url,
+        flush_interval=60.0,
+        handle_signals=False,
+        on_error=heard.append,
+    )
+    for n in range(3):
+        client.track("u", "old", {"n": n})
+    shutil.rmtree(queue_dir)
+    new = [client.track("u", "new", {"n": n}) for n in range(5)]
+    assert stat.S_IMODE(queue_dir.stat().st_mode) == 0o700
+    assert client.stats()["dropped"]["file_lost"] == 3
+    assert client.stats()["dropped"]["storage_error"] == 0
+    assert [e for e in heard if isinstance(e, QueueReplacedError)]
+    assert client.flush(timeout=10)
+    client.shutdown()
+    assert set(new) <= {e["event_id"] for e in collector.events}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="chown to another uid needs root")
+def test_queue_directory_recreated_by_another_user_is_refused(queue_dir: Path) -> None:
+    """Issue 10 item 5: a directory removed under a running client and recreated by another
+    user (mode 0777) is re-checked on re-open and refused: events are counted as dropped
+    (storage_error) and reported naming the path; nothing is written into that directory."""
+    heard: list[DurableAnalyticsError] = []
+    client = Analytics(
+        app_id="s13",
+        persistence_dir=queue_dir,
+        send=False,
+        handle_signals=False,
+        on_error=heard.append,
+    )
+    client.track("u", "old")
+    shutil.rmtree(queue_dir)
+    queue_dir.mkdir(mode=0o777)
+    os.chmod(queue_dir, 0o777)
+    os.chown(queue_dir, 65534, 65534)
+    for _ in range(3):
+        client.track("u", "new")
+    assert client.stats()["dropped"]["storage_error"] == 3
+    assert any(isinstance(e, UnsafePathError) and str(queue_dir) in str(e) for e in heard)
+    assert list(queue_dir.iterdir()) == []
+    client.shutdown()
