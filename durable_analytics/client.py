@@ -532,26 +532,30 @@ class Analytics:
     def _append(self, encoded: EncodedEvent) -> int:
         """`SQLiteQueue.append`, absorbing a locked or damaged queue (module docstring).
 
+        The whole call, retries included, ends by one deadline: SQLite's busy_timeout plus
+        `_BUSY_RETRY_BUDGET`, however many threads wait for the same lock.
+
         :raises StorageError: still failing; the caller counts the drop.
         """
+        deadline = time.monotonic() + self._queue.busy_timeout + _BUSY_RETRY_BUDGET
         try:
-            return self._queue.append(encoded)
+            return self._queue.append(encoded, deadline=deadline)
         except StorageBusyError:
-            deadline = time.monotonic() + _BUSY_RETRY_BUDGET
             delay = 0.005
             while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
                 # Full jitter: processes that collided must not retry in lockstep.
-                time.sleep(min(random.uniform(0, delay), max(0.0, deadline - time.monotonic())))
+                time.sleep(min(random.uniform(0, delay), remaining))
                 try:
-                    return self._queue.append(encoded)
+                    return self._queue.append(encoded, deadline=deadline)
                 except StorageBusyError:
-                    if time.monotonic() >= deadline:
-                        raise
                     delay = min(delay * 2, 0.1)
         except QueueCorruptError as exc:
             logger.error("durable_analytics: %s; moving it aside", exc)
             self._queue.quarantine(exc)
-            return self._queue.append(encoded)
+            return self._queue.append(encoded, deadline=deadline)
 
     def _storage_failed(self, exc: StorageError, encoded: EncodedEvent | None) -> None:
         """Count the drop; log and report only the first failure of a streak."""

@@ -25,11 +25,13 @@ import itertools
 import json
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from .errors import StorageUnavailableError
+from .errors import StorageBusyError, StorageUnavailableError
 from .events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
@@ -115,10 +117,11 @@ _DONE: Final = _Done()
 class _Pending:
     """One append waiting for a group commit; ``state`` ends as _DONE or the exception."""
 
-    __slots__ = ("event", "state", "trimmed")
+    __slots__ = ("deadline", "event", "state", "trimmed")
 
-    def __init__(self, event: EncodedEvent) -> None:
+    def __init__(self, event: EncodedEvent, deadline: float | None) -> None:
         self.event = event
+        self.deadline = deadline
         self.state: _Waiting | _Done | BaseException = _WAITING
         self.trimmed = 0
 
@@ -156,6 +159,13 @@ class DeadLetter:
     failed_at: str
 
 
+def _acquire(lock: threading.Lock, deadline: float | None) -> bool:
+    """Take ``lock``, waiting no later than ``deadline`` (forever when None)."""
+    if deadline is None:
+        return lock.acquire()
+    return lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+
+
 def _ids_json(ids: Sequence[int]) -> str:
     return "[" + ",".join(str(int(i)) for i in ids) + "]"
 
@@ -183,8 +193,8 @@ class SQLiteQueue(QueueStorage):
 
     # --- the caller's side ----------------------------------------------------------------
 
-    def append(self, event: EncodedEvent) -> int:
-        """Commit one event; returns how many of the oldest events the cap trimmed.
+    def append(self, event: EncodedEvent, *, deadline: float | None = None) -> int:
+        """Commit one event; returns how many of this writer's oldest events the cap trimmed.
 
         Group commit: concurrent callers queue their events in memory and whichever holds
         the writer connection commits everything pending in one transaction, so N threads
@@ -193,20 +203,46 @@ class SQLiteQueue(QueueStorage):
         trims only this writer's own rows (`_insert`), in the insert's own transaction, so a
         crash can't leave an event half-written or another process's events trimmed.
 
-        :raises StorageUnavailableError: disk full, read-only, or locked past the timeout;
-            the transaction is rolled back and nothing already queued is touched.
+        ``deadline`` (a `time.monotonic` value) bounds the whole call: waiting for our own
+        threads (the connection, the process's write lock) and SQLite's busy handler all
+        count against it, so a queue locked by another process costs the caller at most
+        that long, however many threads queue up behind the lock.
+
+        :raises StorageBusyError: still locked at the deadline (or past ``busy_timeout``);
+            nothing was written.
+        :raises StorageUnavailableError: disk full, read-only; the transaction is rolled back
+            and nothing already queued is touched.
         :raises QueueCorruptError: the file is damaged.
         """
         self._check_fork()
-        mine = _Pending(event)
+        mine = _Pending(event, deadline)
         self._pending.append(mine)
-        with self._lock:
-            if mine.state is _WAITING:
-                self._commit_pending(mine)
+        if not _acquire(self._lock, deadline):
+            try:
+                self._pending.remove(mine)
+            except ValueError:
+                # A leader already took our event into its transaction (bounded by our
+                # deadline, see _commit_pending): its outcome is ours.
+                with self._lock:
+                    pass
+            else:
+                raise self._busy("waiting for this process's other writers")
+        else:
+            try:
+                if mine.state is _WAITING:
+                    self._commit_pending(mine)
+            finally:
+                self._lock.release()
         state = mine.state
         if isinstance(state, BaseException):
             raise state
         return mine.trimmed
+
+    def _busy(self, what: str) -> StorageBusyError:
+        return StorageBusyError(
+            f"queue {self.path} stayed locked: gave up {what} at the deadline",
+            path=str(self.path),
+        )
 
     def _commit_pending(self, leader: _Pending) -> None:
         """Commit every pending event (the caller holds ``self._lock``)."""
@@ -219,11 +255,20 @@ class SQLiteQueue(QueueStorage):
             (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
             for e in (p.event for p in batch)
         ]
+        deadlines = [p.deadline for p in batch if p.deadline is not None]
+        deadline = min(deadlines) if deadlines else None
         error: BaseException | None = None
         try:
             conn = self._writer_connection()
-            with self._write_lock:
-                leader.trimmed = self._insert(conn, rows)
+            if not _acquire(self._write_lock, deadline):
+                raise self._busy("waiting for this process's flusher")
+            try:
+                with self._busy_timeout_until(conn, deadline):
+                    leader.trimmed = self._insert(conn, rows)
+            finally:
+                self._write_lock.release()
+        except StorageBusyError as exc:
+            error = exc
         except sqlite3.DatabaseError as exc:
             error = translate(exc, self.path)
             error.__cause__ = exc
@@ -431,6 +476,27 @@ class SQLiteQueue(QueueStorage):
             logger.debug(skipped, self.path, exc)
         except sqlite3.DatabaseError as exc:
             raise translate(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def _busy_timeout_until(
+        self, conn: sqlite3.Connection, deadline: float | None
+    ) -> Iterator[None]:
+        """Let SQLite's busy handler wait no later than ``deadline``.
+
+        Changed only when the deadline is nearer than ``busy_timeout`` (a caller that already
+        waited, or retries): the usual append keeps the connection's setting and pays nothing.
+        """
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is None or remaining >= self.busy_timeout:
+            yield
+            return
+        if remaining <= 0:
+            raise self._busy("before the write")
+        conn.execute(SET_BUSY_TIMEOUT.format(ms=max(1, int(remaining * 1000))))
+        try:
+            yield
+        finally:
+            conn.execute(SET_BUSY_TIMEOUT.format(ms=int(self.busy_timeout * 1000)))
 
     @contextlib.contextmanager
     def _short_busy_timeout(self, conn: sqlite3.Connection) -> Iterator[None]:
