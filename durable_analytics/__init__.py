@@ -6,6 +6,7 @@ queue sends it. See README.md and docs/.
 
 from ._version import __version__
 from .client import Analytics, ConsentState, ErrorListener
+from .config import Config
 from .context import (
     analytics_context,
     get_context,
@@ -13,18 +14,31 @@ from .context import (
     track_server_page_view,
     with_analytics_context,
 )
-from .errors import DurableAnalyticsError, ValidationError
-from .queue import SQLiteQueue
+from .errors import (
+    ClosedError,
+    ConfigurationError,
+    DeliveryError,
+    DurableAnalyticsError,
+    StorageError,
+    ValidationError,
+)
+from .stats import DroppedCounts, StatsSnapshot
 from .transport import HTTPTransport, InMemoryTransport, Transport, TransportResponse
 
 __all__ = [
     "Analytics",
+    "ClosedError",
+    "Config",
+    "ConfigurationError",
     "ConsentState",
+    "DeliveryError",
+    "DroppedCounts",
     "DurableAnalyticsError",
     "ErrorListener",
     "HTTPTransport",
     "InMemoryTransport",
-    "SQLiteQueue",
+    "StatsSnapshot",
+    "StorageError",
     "Transport",
     "TransportResponse",
     "ValidationError",

@@ -32,6 +32,7 @@ queue and a newer schema still raise from the constructor: they need a configura
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -63,7 +64,7 @@ from .events import EVENT_NAMES, EncodedEvent, EventBuilder
 from .flusher import Flusher
 from .paths import ensure_private_dir
 from .queue import SQLiteQueue
-from .stats import Stats
+from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
 
 __all__ = ["Analytics", "ConsentState", "ErrorListener"]
@@ -80,34 +81,21 @@ _LOG_INTERVAL = 10.0
 _BUSY_RETRY_BUDGET = 0.25
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class ConsentState:
     """The consent a client applies to every event it records (not per user).
 
     ``analytics=False`` stops events from being queued (they are counted as dropped with
     reason ``consent``); ``None`` means "not stated" and allows tracking. Both values travel
-    in each event's ``context.consent``.
+    in each event's ``context.consent``. Frozen: change it with `Analytics.set_consent`.
     """
 
-    __slots__ = ("advertising", "analytics")
-
-    def __init__(self, analytics: bool | None = None, advertising: bool | None = None) -> None:
-        self.analytics = analytics
-        self.advertising = advertising
+    analytics: bool | None = None
+    advertising: bool | None = None
 
     def as_dict(self) -> dict[str, bool | None]:
         """The state as stored in ``context.consent``."""
         return {"analytics": self.analytics, "advertising": self.advertising}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ConsentState):
-            return NotImplemented
-        return self.as_dict() == other.as_dict()
-
-    def __hash__(self) -> int:
-        return hash((self.analytics, self.advertising))
-
-    def __repr__(self) -> str:
-        return f"ConsentState(analytics={self.analytics!r}, advertising={self.advertising!r})"
 
 
 class Analytics:
@@ -653,8 +641,8 @@ class Analytics:
 
     @property
     def consent(self) -> ConsentState:
-        """The current consent (a copy: changing it changes nothing; use `set_consent`)."""
-        return ConsentState(self._consent.analytics, self._consent.advertising)
+        """The current consent (frozen; change it with `set_consent`)."""
+        return self._consent
 
     @property
     def session_id(self) -> str:
@@ -670,15 +658,14 @@ class Analytics:
         """Events waiting on disk, including other processes' (O(1))."""
         return self._queue.depth()
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for this client: enqueued, delivered, retried, dead_lettered, dropped by reason,
-        batches, failed_requests, splits, last_error, and the shared ``queue_depth``."""
-        result = self._stats.snapshot()
+    def stats(self) -> StatsSnapshot:
+        """This client's counters and the shared ``queue_depth`` (`StatsSnapshot` documents
+        every key; docs/delivery.md has the table)."""
         try:
-            result["queue_depth"] = self._queue.depth()
+            depth: int | None = self._queue.depth()
         except StorageError:
-            result["queue_depth"] = None
-        return result
+            depth = None
+        return self._stats.snapshot(depth)
 
     # --- error listeners ---------------------------------------------------------------------
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TypedDict
 
-__all__ = ["DROP_REASONS", "Stats"]
+__all__ = ["DROP_REASONS", "DroppedCounts", "Stats", "StatsSnapshot"]
 
 #: Why an event was not queued or was removed from the queue without being delivered.
 DROP_REASONS = (
-    "queue_full",  # the oldest events, trimmed to keep max_queue_size
+    "queue_full",  # the oldest events this process wrote, trimmed to keep max_queue_size
     "consent",  # set_consent(analytics=False)
     "invalid",  # the call raised a ValidationError
     "too_large",  # over max_event_bytes
+    "before_send",  # the before_send hook returned None, or raised
     "storage_error",  # the disk was full, read-only or locked; reported to listeners
     "file_lost",  # pending in a queue file deleted from under us (e.g. by a /tmp cleaner)
 )
@@ -34,6 +35,54 @@ _COUNTERS = (
     "splits",
     "quarantined",  # damaged queue files moved aside (their events kept there, not sent)
 )
+
+
+class DroppedCounts(TypedDict):
+    """``stats()["dropped"]``: events never queued, or removed undelivered, per reason."""
+
+    #: The oldest events this process wrote, trimmed to keep ``max_queue_size``.
+    queue_full: int
+    #: Recorded while ``set_consent(analytics=False)`` was in force.
+    consent: int
+    #: The call raised a `ValidationError`.
+    invalid: int
+    #: The encoded event was over ``max_event_bytes`` (`EventTooLargeError`).
+    too_large: int
+    #: The ``before_send`` hook returned None or raised.
+    before_send: int
+    #: The disk was full or read-only, or the queue stayed locked past the bound.
+    storage_error: int
+    #: Pending in a queue file deleted or replaced under the process.
+    file_lost: int
+
+
+class StatsSnapshot(TypedDict):
+    """What `Analytics.stats()` returns. Counters are per client and per process."""
+
+    #: Events committed to the queue by this client.
+    enqueued: int
+    #: Events the server acknowledged (2xx) and that were then deleted from the queue.
+    delivered: int
+    #: Event sends that failed with a retryable error (each retry of each event counts).
+    retried: int
+    #: Events moved to the ``dead_letter`` table (refused by the server, or unreadable).
+    dead_lettered: int
+    #: Requests that delivered a batch.
+    batches: int
+    #: Requests that failed (network error, timeout, non-2xx).
+    failed_requests: int
+    #: Batches split in two after a 413 or a 400/422 (to isolate a refused event).
+    splits: int
+    #: Damaged queue files moved aside (kept for inspection, not sent).
+    quarantined: int
+    #: Events not queued or removed undelivered, per reason.
+    dropped: DroppedCounts
+    #: The latest error's message (never a credential), or None.
+    last_error: str | None
+    #: When it happened (`time.time`), or None.
+    last_error_at: float | None
+    #: Events waiting on disk, every process's (None when the queue can't be read).
+    queue_depth: int | None
 
 
 class Stats:
@@ -66,11 +115,31 @@ class Stats:
         """A forked child gets a fresh lock (the parent's may have been held at fork time)."""
         self._lock = threading.Lock()
 
-    def snapshot(self) -> dict[str, Any]:
-        """A consistent copy of every counter."""
+    def snapshot(self, queue_depth: int | None) -> StatsSnapshot:
+        """A consistent copy of every counter, with the shared ``queue_depth`` (read by the
+        caller: it is the queue's figure, not a counter)."""
         with self._lock:
-            result: dict[str, Any] = dict(self._counts)
-            result["dropped"] = dict(self._dropped)
-            result["last_error"] = self._last_error
-            result["last_error_at"] = self._last_error_at
-        return result
+            c, d = dict(self._counts), dict(self._dropped)
+            last_error, last_error_at = self._last_error, self._last_error_at
+        return StatsSnapshot(
+            enqueued=c["enqueued"],
+            delivered=c["delivered"],
+            retried=c["retried"],
+            dead_lettered=c["dead_lettered"],
+            batches=c["batches"],
+            failed_requests=c["failed_requests"],
+            splits=c["splits"],
+            quarantined=c["quarantined"],
+            dropped=DroppedCounts(
+                queue_full=d["queue_full"],
+                consent=d["consent"],
+                invalid=d["invalid"],
+                too_large=d["too_large"],
+                before_send=d["before_send"],
+                storage_error=d["storage_error"],
+                file_lost=d["file_lost"],
+            ),
+            last_error=last_error,
+            last_error_at=last_error_at,
+            queue_depth=queue_depth,
+        )

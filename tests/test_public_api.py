@@ -61,3 +61,40 @@ def test_public_callables_have_docstrings() -> None:
     for name, member in vars(durable_analytics.Analytics).items():
         if not name.startswith("_") and callable(member):
             assert member.__doc__, name
+
+
+def test_internals_are_not_part_of_the_public_surface() -> None:
+    """Issue 11: the storage class and its flags are internal; the facade exposes the client,
+    the config, the errors, the transport seam, the stats types and the context helpers."""
+    assert "SQLiteQueue" not in durable_analytics.__all__
+    assert not hasattr(durable_analytics, "SQLiteQueue")
+    for name in ("Analytics", "Config", "ClosedError", "Transport", "StatsSnapshot"):
+        assert name in durable_analytics.__all__
+
+
+def test_consent_state_is_frozen_and_keeps_its_hash() -> None:
+    """Issue 11: a ConsentState can't be changed in place, so one kept in a set is found
+    again; the client hands out its state without a way to mutate it behind its back."""
+    import dataclasses
+
+    import pytest
+
+    state = durable_analytics.ConsentState(analytics=True)
+    seen = {state}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.analytics = False  # type: ignore[misc]
+    assert state in seen
+    assert durable_analytics.ConsentState(analytics=True) == state
+
+
+def test_stats_keys_are_exactly_the_documented_ones(tmp_path: Path) -> None:
+    """Issue 11: stats() returns the StatsSnapshot TypedDict: every key it has is declared
+    (and so documented) there, including each drop reason."""
+    from typing import get_type_hints
+
+    with durable_analytics.Analytics(
+        app_id="api", persistence_dir=tmp_path / "q", send=False, handle_signals=False
+    ) as client:
+        snapshot = client.stats()
+    assert set(snapshot) == set(get_type_hints(durable_analytics.StatsSnapshot))
+    assert set(snapshot["dropped"]) == set(get_type_hints(durable_analytics.DroppedCounts))

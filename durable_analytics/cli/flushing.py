@@ -87,7 +87,7 @@ def flush(
             url = client.config.base_url
             try:
                 remaining = _drive_flush(client, reader, last_id, at_start, timeout)
-                stats = client.stats()
+                stats = dict(client.stats())
             finally:
                 client.shutdown(timeout=1.0)
         result = {
