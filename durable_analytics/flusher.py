@@ -509,7 +509,8 @@ class Flusher:
         self.stats.add("retried", len(part))
         if decision.counts_attempt:
             self.queue.add_attempt([e.id for e in part], source=part[0].source)
-            spent = [e for e in part if e.attempts + 1 > self.config.max_retries]
+            limit = self.config.max_retries
+            spent = [] if limit is None else [e for e in part if e.attempts + 1 > limit]
             if spent:
                 reason = f"max_retries_{decision.reason}"
                 self._dead_letter(spent, reason, status)

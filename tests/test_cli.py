@@ -34,6 +34,7 @@ from durable_analytics.cli import _common as cli_common
 from durable_analytics.cli import cli
 from durable_analytics.cli import dead_letters as cli_dead_letters
 from durable_analytics.collector import Collector
+from durable_analytics.migrations import SCHEMA_VERSION
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.reader import open_reader
 
@@ -300,7 +301,7 @@ def test_status_reports_one_queue(queue_dir: Path) -> None:
     assert info["dead_letters"] == 2
     assert info["dead_letters_by_reason"] == {"rejected_400": 2}
     assert info["pending_by_event"] == {"page_view": 2, "search": 2, "signup": 3}
-    assert info["schema_version"] == 1
+    assert info["schema_version"] == SCHEMA_VERSION
     assert info["oldest_created_at"].endswith("Z")
     assert info["last_id"] == 9
     human = run("status", "--dir", str(queue_dir)).stdout
