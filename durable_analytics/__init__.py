@@ -4,6 +4,20 @@ A process that dies loses nothing `track()` returned for: the next process to op
 queue sends it. See README.md and docs/.
 """
 
+from ._default import (
+    alias,
+    configure,
+    default_client,
+    flush,
+    group,
+    identify,
+    page,
+    screen,
+    set_consent,
+    set_user_properties,
+    shutdown,
+    track,
+)
 from ._version import __version__
 from .client import Analytics, ConsentState, ErrorListener
 from .config import Config
@@ -43,8 +57,20 @@ __all__ = [
     "TransportResponse",
     "ValidationError",
     "__version__",
+    "alias",
     "analytics_context",
+    "configure",
+    "default_client",
+    "flush",
     "get_context",
+    "group",
+    "identify",
+    "page",
+    "screen",
+    "set_consent",
+    "set_user_properties",
+    "shutdown",
+    "track",
     "track_server_action",
     "track_server_page_view",
     "with_analytics_context",

@@ -51,6 +51,7 @@ from . import signals
 from ._version import __version__
 from .config import Config, default_persistence_dir
 from .errors import (
+    ClosedError,
     DurableAnalyticsError,
     EventTooLargeError,
     QueueCorruptError,
@@ -463,6 +464,11 @@ class Analytics:
         anonymous_id: Any,
         integrations: Any,
     ) -> str:
+        if self._closed:
+            raise ClosedError(
+                f"{kind}() after shutdown(): this client is closed and wrote nothing; "
+                "create a new Analytics (or call durable_analytics.configure again)"
+            )
         try:
             encoded = self._builder.build(
                 kind=kind,
@@ -707,8 +713,8 @@ class Analytics:
         """Final flush bounded by ``timeout`` (default ``shutdown_timeout``), then stop.
 
         Idempotent. Returns whether everything was delivered; what wasn't stays on disk for
-        the next process that opens this queue. Events recorded after shutdown are still
-        written to disk, but not shipped by this client.
+        the next process that opens this queue. After it, the event methods raise
+        `ClosedError` and write nothing.
         """
         with self._shutdown_lock:
             if self._closed:

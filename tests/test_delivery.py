@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -18,6 +19,7 @@ from durable_analytics import Analytics
 from durable_analytics.collector import Collector
 from durable_analytics.errors import (
     AuthenticationError,
+    ClosedError,
     DurableAnalyticsError,
     RejectedError,
     RetryableDeliveryError,
@@ -379,8 +381,9 @@ def test_shutdown_stops_the_flusher_even_while_events_keep_arriving(
     stop = threading.Event()
 
     def keep_tracking() -> None:
-        while not stop.is_set():
-            client.track("u", "e")
+        with contextlib.suppress(ClosedError):  # ends when shutdown() closes the client
+            while not stop.is_set():
+                client.track("u", "e")
 
     writer = threading.Thread(target=keep_tracking, daemon=True)
     writer.start()
@@ -392,7 +395,7 @@ def test_shutdown_stops_the_flusher_even_while_events_keep_arriving(
         thread.join(timeout=5)
         assert not thread.is_alive()
         sent = len(collector.requests)
-        writer.join(timeout=0.3)  # keeps tracking (to disk) meanwhile
+        writer.join(timeout=0.3)
         assert len(collector.requests) == sent
     finally:
         stop.set()
@@ -400,12 +403,28 @@ def test_shutdown_stops_the_flusher_even_while_events_keep_arriving(
         collector.reset_responses()
 
 
-def test_flush_after_shutdown_returns_at_once(make_client: Any, collector: Collector) -> None:
-    """Events tracked after shutdown stay on disk; flush() (no timeout) says so, never hangs."""
+def test_event_methods_after_shutdown_raise_closed_error_and_write_nothing(
+    make_client: Any, collector: Collector, queue_dir: Any
+) -> None:
+    """Issue 11 / SPEC: after shutdown() every event method raises ClosedError (before, they
+    wrote to disk silently and re-opened the connection); nothing is written, and flush()
+    returns at once."""
     client = make_client(base_url=collector.url)
+    client.track("u", "before")
     client.shutdown()
-    client.track("u", "after-shutdown")
-    started = time.monotonic()
-    assert client.flush() is False
-    assert time.monotonic() - started < 1.0
-    assert client.queue_depth() == 1
+    calls = [
+        lambda: client.track("u", "after"),
+        lambda: client.screen("u", "Home"),
+        lambda: client.page("u", "Pricing"),
+        lambda: client.identify("u", {"a": 1}),
+        lambda: client.set_user_properties("u", {"a": 1}),
+        lambda: client.group("u", "g"),
+        lambda: client.alias("u", "old"),
+    ]
+    for call in calls:
+        with pytest.raises(ClosedError, match="after shutdown"):
+            call()
+    assert client.flush() is True
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    assert client.stats()["enqueued"] == 1
