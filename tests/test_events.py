@@ -41,7 +41,10 @@ def test_event_anatomy_follows_layers(client: Analytics) -> None:
 
 
 def test_other_methods_map_to_documented_names(client: Analytics) -> None:
-    """screen/page/identify/set_user_properties/group/alias use the names in events.py."""
+    """screen/page/identify/set_user_properties/group/alias use the names in events.py.
+
+    set_user_properties is an identify (SPEC), told apart by its event name ``$set``.
+    """
     client.screen("u", "Dashboard", {"tab": "overview"})
     client.page("u", "Pricing", {"url": "https://example.com/pricing"})
     client.identify("u", {"email": "user@example.com"})
@@ -53,7 +56,7 @@ def test_other_methods_map_to_documented_names(client: Analytics) -> None:
         ("screen", "$screen", {"screen_name": "Dashboard", "tab": "overview"}),
         ("page", "$pageview", {"page_name": "Pricing", "url": "https://example.com/pricing"}),
         ("identify", "$identify", {"email": "user@example.com"}),
-        ("set_user_properties", "$set", {"plan": "premium"}),
+        ("identify", "$set", {"plan": "premium"}),
         ("group", "$group", {"group_id": "company_456", "traits": {"name": "Acme"}}),
         ("alias", "$alias", {"previous_id": "old_user_123"}),
     ]
@@ -92,7 +95,7 @@ def test_event_is_a_snapshot(client: Analytics) -> None:
 
 
 def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
-    """datetime, date, Decimal, UUID, tuple, set and int keys become plain JSON."""
+    """datetime, date, Decimal (a number), UUID, tuple, set and int keys become plain JSON."""
     uid = uuid.UUID("12345678-1234-5678-1234-567812345678")
     client.track(
         "u",
