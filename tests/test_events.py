@@ -115,7 +115,7 @@ def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
     assert props == {
         "at": "2024-05-06T07:08:09+00:00",
         "day": "2024-05-06",
-        "price": "19.99",
+        "price": 19.99,
         "id": str(uid),
         "pair": [1, 2],
         "tags": ["a", "b"],
