@@ -366,7 +366,9 @@ def _check_scalar(
         )
     if id(value) in parents:
         raise ValidationError(
-            field, f"json_default gave back a {type(value).__name__} it was already given"
+            field,
+            f"json_default returned the {type(value).__name__} it was given (or a value "
+            "holding it), so it would be converted forever",
         )
     if depth >= MAX_DEPTH:  # each conversion counts as a level: a chain of them ends
         raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels")
