@@ -6,38 +6,50 @@ event is a snapshot: a caller that mutates its dict afterwards changes nothing.
 
 How the event methods map onto Layers event names (docs/wire-formats.md):
 
-=====================  ===============  ==================================================
-method                 ``event``        ``properties``
-=====================  ===============  ==================================================
-track                  the name given   the properties given
-screen                 ``$screen``      ``{"screen_name": name, **properties}``
-page                   ``$pageview``    ``{"page_name": name, **properties}``
-identify               ``$identify``    the traits
-set_user_properties    ``$set``         the user properties
-group                  ``$group``       ``{"group_id": id, "traits": traits}``
-alias                  ``$alias``       ``{"previous_id": previous_id}``
-=====================  ===============  ==================================================
+=====================  ============  ===============  ==========================================
+method                 ``type``      ``event``        ``properties``
+=====================  ============  ===============  ==========================================
+track                  track         the name given   the properties given
+screen                 screen        ``$screen``      ``{"screen_name": name, **properties}``
+page                   page          ``$pageview``    ``{"page_name": name, **properties}``
+identify               identify      ``$identify``    the traits
+set_user_properties    identify      ``$set``         the user properties
+group                  group         ``$group``       ``{"group_id": id, "traits": traits}``
+alias                  alias         ``$alias``       ``{"previous_id": previous_id}``
+=====================  ============  ===============  ==========================================
+
+Values: str, int, float, bool, None, dicts, lists and tuples are JSON already; datetime, date
+and time become ISO-8601 text, UUID its text, sets sorted lists, and Decimal a JSON number with
+exactly its digits. Anything else goes to the client's ``json_default`` when there is one (like
+``json.dumps(default=)``), and is refused with a `ValidationError` naming the field otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import json
 import math
 import os
+import re
+import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .errors import EventTooLargeError, ValidationError
+from .errors import ConfigurationError, EventTooLargeError, ValidationError
 
 __all__ = [
     "EVENT_NAMES",
+    "EVENT_TYPES",
+    "MAX_NAME_LENGTH",
     "EncodedEvent",
     "EventBuilder",
+    "JsonDefault",
+    "check_name",
     "format_timestamp",
 ]
 
@@ -51,8 +63,34 @@ EVENT_NAMES: Final = {
     "alias": "$alias",
 }
 
+#: The ``type`` field of each method's events. SPEC: set_user_properties is an identify (its
+#: event name, ``$set``, still tells the two apart).
+EVENT_TYPES: Final = {
+    "track": "track",
+    "screen": "screen",
+    "page": "page",
+    "identify": "identify",
+    "set_user_properties": "identify",
+    "group": "group",
+    "alias": "alias",
+}
+
+#: Hook for values that are not JSON types, as ``json.dumps(default=)`` takes.
+JsonDefault = Callable[[Any], Any]
+
 MAX_DEPTH: Final = 32
 MAX_ID_LENGTH: Final = 255
+#: Longest event, screen or page name, group id and previous id, in characters: the same cap as
+#: the ids, since the receiving side indexes and groups by them alike.
+MAX_NAME_LENGTH: Final = 255
+
+# Which property carries the name each non-track method was given, and the argument it came from.
+_NAMED: Final = {
+    "screen": ("screen_name", "name"),
+    "page": ("page_name", "name"),
+    "group": ("group_id", "group_id"),
+    "alias": ("previous_id", "previous_id"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +109,37 @@ def format_timestamp(moment: dt.datetime | float | None = None) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``, e.g. ``2026-11-24T12:00:00.123Z``.
 
     A naive datetime is taken to be UTC (servers run in UTC, and guessing the host's local
-    zone would silently shift historical imports).
+    zone would silently shift historical imports). Years are always four digits.
+
+    :raises ValidationError: (field ``timestamp``) the moment is not in the years 0001-9999
+        once converted to UTC.
     """
     if moment is None or isinstance(moment, (int, float)):
         seconds = time.time() if moment is None else float(moment)
-        whole = int(seconds)
+        try:
+            whole = math.floor(seconds)  # floor, not int(): -0.5 is 23:59:59.500 the day before
+            parts = time.gmtime(whole)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise ValidationError("timestamp", f"{moment!r} is not a representable time") from exc
+        if not 1 <= parts.tm_year <= 9999:
+            raise ValidationError("timestamp", f"{moment!r} is outside the years 0001-9999")
         millis = int((seconds - whole) * 1000)
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+        return (
+            f"{parts.tm_year:04d}-{parts.tm_mon:02d}-{parts.tm_mday:02d}T"
+            f"{parts.tm_hour:02d}:{parts.tm_min:02d}:{parts.tm_sec:02d}.{millis:03d}Z"
+        )
     if moment.tzinfo is not None:
-        moment = moment.astimezone(dt.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        try:
+            moment = moment.astimezone(dt.timezone.utc)
+        except OverflowError as exc:
+            raise ValidationError(
+                "timestamp", f"{moment.isoformat()} is outside the years 0001-9999 in UTC"
+            ) from exc
+    # Not strftime: its %Y gives "5", not "0005", for the year 5 on glibc.
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
 
 
 _second: tuple[int, str] = (-1, "")
@@ -97,17 +156,53 @@ def _now() -> str:
     return f"{cached[1]}.{int((seconds - whole) * 1000):03d}Z"
 
 
-def _json_default(value: Any) -> Any:
-    # Called by json.dumps for anything it cannot encode itself.
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, (dt.date, dt.time)):
-        return value.isoformat()
+def check_name(value: Any, field: str) -> str:
+    """A name an event method was given (event, screen or page name, group or previous id).
+
+    :raises ValidationError: not a non-empty string of at most `MAX_NAME_LENGTH` characters.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, f"must be a non-empty string, got {_short(value)}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValidationError(field, f"is {len(value)} characters, at most {MAX_NAME_LENGTH}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 64 else "an int"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- Decimal: a JSON number with exactly its digits -------------------------------------------
+#
+# json's encoders write every float through float.__repr__ and have no hook for raw number
+# text. So `_builtin_default` turns a Decimal into a marked string, and `_dumps` unquotes the
+# marked strings of the few events that have one. The marker holds 128 random bits drawn per
+# process, so no string a caller passes can look like one.
+
+_MARK: Final = "\x00" + os.urandom(16).hex() + ":"
+_MARK_ENCODED: Final = json.dumps(_MARK)[:-1]  # the opening quote and the escaped marker
+_MARKED: Final = re.compile(re.escape(_MARK_ENCODED) + r'([-+.0-9Ee]+)"')
+# A JSON reader turns a larger number into infinity (Python's json, JavaScript, Go's float64).
+_DOUBLE_MAX: Final = decimal.Decimal(sys.float_info.max)
+
+
+def _check_decimal(value: decimal.Decimal, field: str) -> None:
+    if not value.is_finite():
+        raise ValidationError(field, f"{value!r} is not a finite number (JSON has no NaN)")
+    # copy_abs and comparison are exact: no context rounding, no Overflow trap.
+    if value.adjusted() >= 308 and value.copy_abs() > _DOUBLE_MAX:
+        raise ValidationError(
+            field, "is larger than a JSON reader can hold (about 1.8E+308): send it as a str"
+        )
+
+
+def _builtin_default(value: Any) -> Any:
+    # Called by the encoder for the types the walk let through and json can't encode itself.
     if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            raise ValueError("non-finite Decimal")
-        # A float would round money; the exact digits as a string do not.
-        return str(value)
+        return _MARK + str(value)  # str() of a finite Decimal is always a valid JSON number
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, Mapping):
@@ -117,85 +212,211 @@ def _json_default(value: Any) -> Any:
             return sorted(value)
         except TypeError:
             return list(value)
-    raise TypeError(type(value).__name__)
+    raise TypeError(type(value).__name__)  # pragma: no cover - the walk refused it
 
+
+_string = json.encoder.encode_basestring  # a str as a JSON literal, non-ASCII kept as is
+_ENCODER = json.JSONEncoder(
+    default=_builtin_default, allow_nan=False, ensure_ascii=False, separators=(",", ":")
+)
+
+
+def _dumps(value: Any, field: str) -> str:
+    """Encode a walked value (``_check_value``'s result) as JSON text."""
+    try:
+        text = _ENCODER.encode(value)
+    except ValueError as exc:
+        # The walk passes ints without a look (the hot path); one too long for int -> str
+        # (sys.get_int_max_str_digits) is found here, on the error path only.
+        found = _find_long_int(value, field)
+        if found is None:  # pragma: no cover - the walk refuses everything else first
+            raise ValidationError(field, f"cannot be encoded as JSON: {exc}") from exc
+        raise ValidationError(
+            found[0],
+            f"is an integer of about {_digits(found[1])} digits, more than Python writes as "
+            "text (sys.set_int_max_str_digits): send it as a str",
+        ) from exc
+    if _MARK_ENCODED in text:
+        text = _MARKED.sub(r"\1", text)
+    return text
+
+
+# --- the walk: named errors, the depth limit, json_default ------------------------------------
 
 _SCALARS: Final = (str, int, float, bool, type(None))
-_CONVERTIBLE: Final = (dt.datetime, dt.date, dt.time, decimal.Decimal, uuid.UUID)
+_CONVERTIBLE: Final = (dt.datetime, dt.date, dt.time, uuid.UUID)
+_CONTAINERS: Final = (Mapping, list, tuple, set, frozenset)
 
 
-def _check_value(value: Any, field: str, depth: int, parents: list[int]) -> None:
+def _check_value(
+    value: Any, field: str, depth: int, parents: list[int], hook: JsonDefault | None
+) -> Any:
     """Walk a value before encoding, so errors name the field and deep nesting never recurses far.
 
-    ``parents`` holds the ids of the containers above this value, to name a cycle as such.
+    Returns what to encode: ``value`` itself, or a copy of it in which ``hook`` (the client's
+    ``json_default``) replaced the values that aren't JSON types; only the containers above a
+    replaced value are copied. ``parents`` holds the ids of the containers above this value, to
+    name a cycle as such.
 
     :raises ValidationError: the value can't be represented as JSON.
     """
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
-        return
+        return value
     if kind is float:
         if not math.isfinite(value):
             raise ValidationError(field, f"{value!r} is not a finite number (JSON has no NaN)")
-        return
-    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        return value
+    if isinstance(value, _CONTAINERS):
         if id(value) in parents:
             raise ValidationError(field, "contains itself (a reference cycle)")
         if depth >= MAX_DEPTH:
             raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels")
         parents.append(id(value))
         try:
-            _check_container(value, field, depth, parents)
+            return _check_container(value, field, depth, parents, hook)
         finally:
             parents.pop()
-        return
-    _check_scalar(value, field)
+    return _check_scalar(value, field, depth, parents, hook)
 
 
-def _check_container(value: Any, field: str, depth: int, parents: list[int]) -> None:
+def _check_container(
+    value: Any, field: str, depth: int, parents: list[int], hook: JsonDefault | None
+) -> Any:
+    copy: Any = None
     if isinstance(value, Mapping):
         for key, item in value.items():
             kind = type(item)
-            if type(key) is str and (kind is str or kind is int or kind is bool or item is None):
-                continue  # the common case, without a call per value
-            if not isinstance(key, str):
-                if (
-                    isinstance(key, bool)
-                    or not isinstance(key, (int, float))
-                    or (isinstance(key, float) and not math.isfinite(key))
-                ):
-                    raise ValidationError(
-                        f"{field}[{key!r}]", f"key of type {type(key).__name__} is not a string"
-                    )
-                key = str(key)
-            _check_value(item, f"{field}.{key}", depth + 1, parents)
+            if type(key) is str:
+                if kind is str or kind is int or kind is bool or item is None:
+                    continue  # the common case, without a call per value
+                name = key
+            else:
+                name = _key_text(key, value, field)
+            new = _check_value(item, f"{field}.{name}", depth + 1, parents, hook)
+            if new is not item:
+                if copy is None:
+                    copy = dict(value)
+                copy[key] = new
+        return value if copy is None else copy
+    for index, item in enumerate(value):
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue
+        new = _check_value(item, f"{field}[{index}]", depth + 1, parents, hook)
+        if new is not item:
+            if copy is None:
+                copy = list(value)
+            copy[index] = new
+    if copy is None:
+        return value
+    if isinstance(value, (set, frozenset)):
+        with contextlib.suppress(TypeError):  # sorted when it can be, as sets are
+            copy.sort()
+    return copy
+
+
+def _key_text(key: Any, mapping: Mapping[Any, Any], field: str) -> str:
+    """The JSON text of a key that is not a str, refusing what JSON can't take."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool) or not isinstance(key, (int, float)):
+        raise ValidationError(
+            f"{field}[{_short(key)}]", f"key of type {type(key).__name__} is not a string"
+        )
+    if isinstance(key, float):
+        if not math.isfinite(key):
+            raise ValidationError(f"{field}[{key!r}]", "a key that is not finite has no JSON form")
+        text = float.__repr__(key)  # what json writes for a float key
     else:
-        for index, item in enumerate(value):
-            _check_value(item, f"{field}[{index}]", depth + 1, parents)
+        try:
+            text = int.__repr__(key)
+        except ValueError as exc:
+            raise ValidationError(
+                f"{field}[int]",
+                f"a key of about {_digits(key)} digits is more than Python writes as text",
+            ) from exc
+    if text in mapping:
+        raise ValidationError(
+            f"{field}[{key!r}]",
+            f"the key {key!r} and the key {text!r} would both be {text!r} in JSON, "
+            "and JSON keys must be unique",
+        )
+    return text
 
 
-def _check_scalar(value: Any, field: str) -> None:
+def _check_scalar(
+    value: Any, field: str, depth: int, parents: list[int], hook: JsonDefault | None
+) -> Any:
     if isinstance(value, _SCALARS):  # subclasses of str/int/float
         if isinstance(value, float) and not math.isfinite(value):
             raise ValidationError(field, f"{value!r} is not a finite number (JSON has no NaN)")
-        return
-    if isinstance(value, decimal.Decimal) and not value.is_finite():
-        raise ValidationError(field, f"{value!r} is not a finite number")
+        return value
+    if isinstance(value, decimal.Decimal):
+        _check_decimal(value, field)
+        return value
     if isinstance(value, _CONVERTIBLE):
-        return
-    raise ValidationError(
-        field,
-        f"values of type {type(value).__name__} can't be sent as JSON "
-        "(use str, int, float, bool, None, dict, list, datetime, date, Decimal or UUID)",
-    )
+        return value
+    if hook is None:
+        raise ValidationError(
+            field,
+            f"values of type {type(value).__name__} can't be sent as JSON (use str, int, "
+            "float, bool, None, dict, list, datetime, date, Decimal or UUID, or give the "
+            "client a json_default function that converts them)",
+        )
+    if id(value) in parents:
+        raise ValidationError(
+            field,
+            f"json_default returned the {type(value).__name__} it was given (or a value "
+            "holding it), so it would be converted forever",
+        )
+    if depth >= MAX_DEPTH:  # each conversion counts as a level: a chain of them ends
+        raise ValidationError(field, f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        result = hook(value)
+    except Exception as exc:  # the caller's code: any failure is a bad value, named
+        raise ValidationError(
+            field,
+            f"json_default raised {type(exc).__name__} for a {type(value).__name__}: {exc}",
+        ) from exc
+    parents.append(id(value))
+    try:
+        return _check_value(result, field, depth + 1, parents, hook)
+    finally:
+        parents.pop()
 
 
-def _check_dict(value: Any, field: str) -> dict[str, Any]:
+def _digits(number: int) -> int:
+    return int(number.bit_length() * 0.30103) + 1
+
+
+def _find_long_int(value: Any, field: str) -> tuple[str, int] | None:
+    """The path of an int too long to write as text, and the int (only on the error path)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            int.__repr__(value)
+        except ValueError:
+            return field, value
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _find_long_int(item, f"{field}.{key}")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            found = _find_long_int(item, f"{field}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def _check_dict(value: Any, field: str, hook: JsonDefault | None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a dict, got {type(value).__name__}")
-    _check_value(value, field, 1, [])
+    value = _check_value(value, field, 1, [], hook)
     return value if isinstance(value, dict) else dict(value)
 
 
@@ -205,6 +426,8 @@ def _check_id(value: Any, field: str, *, required: bool) -> str | None:
             raise ValidationError(field, "is required")
         return None
     if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 1024:  # over 308 digits: too long anyway, and str() may refuse
+            raise ValidationError(field, f"is an integer of about {_digits(value)} digits")
         value = str(value)
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
@@ -220,6 +443,8 @@ class EventBuilder:
 
     Holds what every event of the client shares (app id, session, environment, library
     version) so that the per-call work is validation plus one ``json.dumps``.
+    ``json_default`` converts values that are not JSON types, as ``json.dumps(default=)``
+    does; its results are checked like the caller's own values.
     """
 
     def __init__(
@@ -231,12 +456,18 @@ class EventBuilder:
         platform: str,
         library_version: str,
         max_event_bytes: int,
+        json_default: JsonDefault | None = None,
     ) -> None:
+        if json_default is not None and not callable(json_default):
+            raise ConfigurationError(
+                "json_default", f"must be a function or None, got {type(json_default).__name__}"
+            )
         self.app_id = app_id
         self.session_id = session_id
         self.environment = environment
         self.platform = platform
         self.max_event_bytes = max_event_bytes
+        self.json_default = json_default
         self._library = {"name": "durable_analytics", "version": library_version}
         # The fields every event of this client shares, encoded once.
         self._shared = (
@@ -262,19 +493,25 @@ class EventBuilder:
     ) -> EncodedEvent:
         """Validate and encode one event.
 
-        The payload is assembled from encoded fragments (the shared fields and the usual
-        context are encoded once per client), so the per-call work is validating and
+        ``kind`` is the method (a key of `EVENT_TYPES`); the event's ``type`` is its value
+        there. The payload is assembled from encoded fragments (the shared fields and the
+        usual context are encoded once per client), so the per-call work is validating and
         encoding what the caller passed. The result is the same JSON ``json.dumps`` of the
         whole event would give, keys aside.
 
         :raises ValidationError: an argument is invalid; the message names it.
         :raises EventTooLargeError: the encoded event exceeds ``max_event_bytes``.
         """
+        if not isinstance(event, str) or not 0 < len(event) <= MAX_NAME_LENGTH:
+            check_name(event, "event")
+        if kind != "track":
+            kind = self._other_kind(kind, properties)
+        hook = self.json_default
         anonymous = None
         if anonymous_id is not None:
             anonymous = _check_id(anonymous_id, "anonymous_id", required=False)
         user = _check_id(distinct_id, "distinct_id", required=anonymous is None)
-        props = _encode_value(properties, properties_field)
+        props = _encode_value(properties, properties_field, hook)
         mid = (
             _uuid4()
             if message_id is None
@@ -291,10 +528,10 @@ class EventBuilder:
         if context is None:
             ctx = self._default_context(consent)
         else:
-            merged: dict[str, Any] = dict(_check_dict(context, "context"))
+            merged: dict[str, Any] = dict(_check_dict(context, "context", hook))
             merged["library"] = self._library
             merged["consent"] = dict(consent)
-            ctx = _ENCODER.encode(merged)
+            ctx = _dumps(merged, "context")
         parts = [
             '{"event":', _string(event),
             ',"event_id":', _string(mid),
@@ -308,7 +545,7 @@ class EventBuilder:
         if anonymous is not None:
             parts += (',"anonymous_id":', _string(anonymous))
         if integrations is not None:
-            parts += (',"integrations":', _encode_value(integrations, "integrations"))
+            parts += (',"integrations":', _encode_value(integrations, "integrations", hook))
         parts.append("}")
         text = "".join(parts)
         if text.isascii():
@@ -339,6 +576,19 @@ class EventBuilder:
             )
         return EncodedEvent(mid, kind, event, user, created_at, text)
 
+    @staticmethod
+    def _other_kind(kind: str, properties: Any) -> str:
+        """The ``type`` of a method other than track, after checking the name it was given."""
+        named = _NAMED.get(kind)
+        if named is not None and isinstance(properties, Mapping):
+            name = properties.get(named[0])
+            if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+                check_name(name, named[1])
+        try:
+            return EVENT_TYPES[kind]
+        except KeyError:
+            raise ValidationError("type", f"unknown event type {kind!r}") from None
+
     def _default_context(self, consent: Mapping[str, bool | None]) -> str:
         key = (consent.get("analytics"), consent.get("advertising"))
         text = self._contexts.get(key)
@@ -348,23 +598,14 @@ class EventBuilder:
         return text
 
 
-_string = json.encoder.encode_basestring  # a str as a JSON literal, non-ASCII kept as is
-_ENCODER = json.JSONEncoder(
-    default=_json_default, allow_nan=False, ensure_ascii=False, separators=(",", ":")
-)
-
-
-def _encode_value(value: Any, field: str) -> str:
-    """Walk (for named errors and the depth limit), then encode a dict argument."""
+def _encode_value(value: Any, field: str, hook: JsonDefault | None) -> str:
+    """Walk (for named errors, the depth limit and json_default), then encode a dict argument."""
     if value is None:
         return "{}"
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a dict, got {type(value).__name__}")
-    _check_value(value, field, 1, [])
-    try:
-        return _ENCODER.encode(value if isinstance(value, dict) else dict(value))
-    except (TypeError, ValueError, RecursionError) as exc:  # pragma: no cover - walked first
-        raise ValidationError(field, f"cannot be encoded as JSON: {exc}") from exc
+    value = _check_value(value, field, 1, [], hook)
+    return _dumps(value if isinstance(value, dict) else dict(value), field)
 
 
 def _uuid4() -> str:

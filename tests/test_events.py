@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
+import enum
+import json
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,8 +16,9 @@ import pytest
 from queue_contents import queued
 
 from durable_analytics import Analytics, ValidationError
-from durable_analytics.errors import DurableAnalyticsError, EventTooLargeError
-from durable_analytics.events import format_timestamp
+from durable_analytics.collector import Collector
+from durable_analytics.errors import ConfigurationError, DurableAnalyticsError, EventTooLargeError
+from durable_analytics.events import EventBuilder, format_timestamp
 
 
 @pytest.fixture
@@ -41,7 +46,10 @@ def test_event_anatomy_follows_layers(client: Analytics) -> None:
 
 
 def test_other_methods_map_to_documented_names(client: Analytics) -> None:
-    """screen/page/identify/set_user_properties/group/alias use the names in events.py."""
+    """screen/page/identify/set_user_properties/group/alias use the names in events.py.
+
+    set_user_properties is an identify (SPEC), told apart by its event name ``$set``.
+    """
     client.screen("u", "Dashboard", {"tab": "overview"})
     client.page("u", "Pricing", {"url": "https://example.com/pricing"})
     client.identify("u", {"email": "user@example.com"})
@@ -53,7 +61,7 @@ def test_other_methods_map_to_documented_names(client: Analytics) -> None:
         ("screen", "$screen", {"screen_name": "Dashboard", "tab": "overview"}),
         ("page", "$pageview", {"page_name": "Pricing", "url": "https://example.com/pricing"}),
         ("identify", "$identify", {"email": "user@example.com"}),
-        ("set_user_properties", "$set", {"plan": "premium"}),
+        ("identify", "$set", {"plan": "premium"}),
         ("group", "$group", {"group_id": "company_456", "traits": {"name": "Acme"}}),
         ("alias", "$alias", {"previous_id": "old_user_123"}),
     ]
@@ -92,7 +100,7 @@ def test_event_is_a_snapshot(client: Analytics) -> None:
 
 
 def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
-    """datetime, date, Decimal, UUID, tuple, set and int keys become plain JSON."""
+    """datetime, date, Decimal (a number), UUID, tuple, set and int keys become plain JSON."""
     uid = uuid.UUID("12345678-1234-5678-1234-567812345678")
     client.track(
         "u",
@@ -112,7 +120,7 @@ def test_python_values_are_encoded_sensibly(client: Analytics) -> None:
     assert props == {
         "at": "2024-05-06T07:08:09+00:00",
         "day": "2024-05-06",
-        "price": "19.99",
+        "price": 19.99,
         "id": str(uid),
         "pair": [1, 2],
         "tags": ["a", "b"],
@@ -239,3 +247,329 @@ def test_consent_left_out_keeps_its_value(client: Analytics) -> None:
 def test_queue_path_lives_in_persistence_dir(client: Analytics, queue_dir: Path) -> None:
     """The queue file is <persistence_dir>/queue.db."""
     assert client.queue_path == queue_dir / "queue.db"
+
+
+# --- issue 10 item 13: bad input is a ValidationError naming the field, counted as invalid -----
+
+
+def _refused(client: Analytics, call: Any) -> ValidationError:
+    """Run ``call(client)``, which must raise ValidationError, queue nothing and count invalid."""
+    before = client.stats()["dropped"].get("invalid", 0)
+    with pytest.raises(ValidationError) as info:
+        call(client)
+    assert client.stats()["dropped"]["invalid"] == before + 1
+    assert client.queue_depth() == 0
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+        dt.datetime.min.replace(tzinfo=dt.timezone(dt.timedelta(hours=5))),
+    ],
+)
+def test_timestamps_beyond_the_utc_years_are_refused(client: Analytics, moment: Any) -> None:
+    """An aware timestamp that leaves the years 0001-9999 in UTC is refused, not OverflowError."""
+    error = _refused(client, lambda c: c.track("u", "e", timestamp=moment))
+    assert error.field == "timestamp" and "0001-9999" in str(error)
+    assert isinstance(error.__cause__, OverflowError)
+
+
+def test_early_years_are_written_with_four_digits(client: Analytics) -> None:
+    """The year 5 is stored as ISO-8601 "0005-...", naive or aware, and the year 1 still works."""
+    client.track("u", "naive", timestamp=dt.datetime(5, 1, 1))
+    east = dt.timezone(dt.timedelta(hours=2))
+    client.track("u", "aware", timestamp=dt.datetime(1, 1, 1, 3, tzinfo=east))
+    assert [e["timestamp"] for e in queued(client)] == [
+        "0005-01-01T00:00:00.000Z",
+        "0001-01-01T01:00:00.000Z",
+    ]
+    assert format_timestamp(dt.datetime(999, 12, 31, 23, 59, 59, 999999)) == (
+        "0999-12-31T23:59:59.999Z"
+    )
+
+
+def test_float_timestamps_before_1970_and_out_of_range() -> None:
+    """format_timestamp(-0.5) is half a second before 1970 (not ".-500Z"); 1e20 is refused."""
+    assert format_timestamp(-0.5) == "1969-12-31T23:59:59.500Z"
+    with pytest.raises(ValidationError) as info:
+        format_timestamp(1e20)
+    assert info.value.field == "timestamp"
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.track("u", "e", context={"x": 10**5000}), "context.x"),
+        (lambda c: c.track("u", "e", {"a": [1, {"b": -(10**5000)}]}), "properties.a[1].b"),
+        (lambda c: c.identify("u", {"n": 10**5000}), "traits.n"),
+        (lambda c: c.track("u", "e", integrations={"x": 10**5000}), "integrations.x"),
+        (lambda c: c.track("u", "e", message_id=10**5000), "message_id"),
+        (lambda c: c.track(10**5000, "e"), "distinct_id"),
+        (lambda c: c.track("u", "e", {10**5000: "key"}), "properties[int]"),
+    ],
+)
+def test_integers_too_long_for_text_are_refused_naming_the_field(
+    client: Analytics, call: Any, field: str
+) -> None:
+    """An int Python won't write as text (over 4,300 digits) is a named ValidationError."""
+    error = _refused(client, call)
+    assert error.field == field
+    assert "digits" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("properties", "field", "key"),
+    [
+        ({1: "a", "1": "b"}, "properties[1]", "'1'"),
+        ({"1": "b", 1: "a"}, "properties[1]", "'1'"),
+        ({"x": {2.5: "a", "2.5": "b"}}, "properties.x[2.5]", "'2.5'"),
+    ],
+)
+def test_keys_that_collide_in_json_are_refused(
+    client: Analytics, properties: dict[Any, Any], field: str, key: str
+) -> None:
+    """{1: "a", "1": "b"} would store one key twice: refused, naming the field and the key."""
+    error = _refused(client, lambda c: c.track("u", "e", properties))
+    assert error.field == field
+    assert key in str(error) and "unique" in str(error)
+
+
+_LONG = "x" * 256
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c, n: c.track("u", n), "event"),
+        (lambda c, n: c.screen("u", n), "name"),
+        (lambda c, n: c.page("u", n), "name"),
+        (lambda c, n: c.group("u", n), "group_id"),
+        (lambda c, n: c.alias("u", n), "previous_id"),
+        (lambda c, n: c.track(n, "e"), "distinct_id"),
+        (lambda c, n: c.track(None, "e", anonymous_id=n), "anonymous_id"),
+        (lambda c, n: c.track("u", "e", message_id=n), "message_id"),
+    ],
+)
+def test_names_and_ids_are_capped_at_255_characters(
+    client: Analytics, call: Any, field: str
+) -> None:
+    """Event, screen and page names, group and previous ids share the ids' 255-character cap."""
+    call(client, "y" * 255)
+    assert client.queue_depth() == 1
+    before = client.stats()["dropped"].get("invalid", 0)
+    with pytest.raises(ValidationError) as info:
+        call(client, _LONG)
+    assert info.value.field == field
+    assert "256 characters, at most 255" in str(info.value)
+    assert client.stats()["dropped"]["invalid"] == before + 1
+    assert client.queue_depth() == 1
+
+
+# --- issue 11 "Values": Decimal as a number, set_user_properties as identify -------------------
+
+
+def test_decimal_is_a_json_number_with_the_same_digits(client: Analytics) -> None:
+    """Decimal('19.99') is stored as 19.99, and every Decimal keeps exactly its digits."""
+    client.track(
+        "u",
+        "Order Completed",
+        {
+            "price": decimal.Decimal("19.99"),
+            "hundred": decimal.Decimal("1E+2"),
+            "zero": decimal.Decimal("-0.000"),
+            "exact": decimal.Decimal("0.1000000000000000000000001"),
+            "items": [decimal.Decimal("2.50"), {"tax": decimal.Decimal("1.7976931348623157E+308")}],
+        },
+    )
+    db = sqlite3.connect(client.queue_path)
+    try:
+        (payload,) = db.execute("SELECT payload FROM events").fetchone()
+    finally:
+        db.close()
+    assert '"price":19.99,' in payload and '"hundred":1E+2,' in payload
+    assert '"exact":0.1000000000000000000000001,' in payload
+    props = json.loads(payload, parse_float=decimal.Decimal)["properties"]
+    assert props["price"] == decimal.Decimal("19.99") and str(props["zero"]) == "-0.000"
+    assert str(props["exact"]) == "0.1000000000000000000000001"
+    assert [str(props["items"][0]), str(props["items"][1]["tax"])] == [
+        "2.50",
+        "1.7976931348623157E+308",
+    ]
+
+
+@pytest.mark.parametrize(
+    "amount", [decimal.Decimal("Infinity"), decimal.Decimal("-sNaN"), decimal.Decimal("2E+308")]
+)
+def test_decimals_a_json_reader_cannot_hold_are_refused(
+    client: Analytics, amount: decimal.Decimal
+) -> None:
+    """NaN and infinite Decimals, and ones past the float range (read as infinity), are refused."""
+    error = _refused(client, lambda c: c.track("u", "e", {"amount": amount}))
+    assert error.field == "properties.amount"
+
+
+def test_decimal_reaches_the_ingest_as_a_number(make_client: Any, collector: Collector) -> None:
+    """The request body carries the Decimal's digits as a JSON number."""
+    client = make_client(base_url=collector.url)
+    client.track("u", "Order Completed", {"total": decimal.Decimal("19.99")})
+    assert client.flush(timeout=10)
+    (request,) = collector.requests
+    assert b'"properties":{"total":19.99}' in request.body
+    assert request.json["events"][0]["properties"] == {"total": 19.99}
+
+
+def test_set_user_properties_is_an_identify(make_client: Any, collector: Collector) -> None:
+    """set_user_properties is stored and sent with type identify; segment gets its traits."""
+    client = make_client(base_url=collector.url, send=False)
+    client.set_user_properties("u1", {"plan": "premium"})
+    (event,) = queued(client)
+    assert (event["type"], event["event"], event["properties"]) == (
+        "identify",
+        "$set",
+        {"plan": "premium"},
+    )
+    db = sqlite3.connect(client.queue_path)
+    try:
+        assert db.execute("SELECT type, event FROM events").fetchall() == [("identify", "$set")]
+    finally:
+        db.close()
+    client.shutdown()
+    sender = make_client(base_url=collector.url, protocol="segment")
+    assert sender.flush(timeout=10)
+    (request,) = collector.requests
+    (message,) = request.json["batch"]
+    assert message["type"] == "identify" and message["traits"] == {"plan": "premium"}
+    assert message["userId"] == "u1" and message["messageId"] == event["event_id"]
+
+
+# --- issue 11 "Hooks": json_default ----------------------------------------------------------
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+
+
+def _builder(json_default: Any = None) -> EventBuilder:
+    return EventBuilder(
+        app_id="test-app",
+        session_id="s",
+        environment="production",
+        platform="python",
+        library_version="0",
+        max_event_bytes=32 * 1024,
+        json_default=json_default,
+    )
+
+
+def _build(builder: EventBuilder, properties: Any, **options: Any) -> dict[str, Any]:
+    encoded = builder.build(
+        kind="track",
+        event="e",
+        distinct_id="u",
+        properties=properties,
+        consent={"analytics": None, "advertising": None},
+        **options,
+    )
+    event: dict[str, Any] = json.loads(encoded.payload)
+    return event
+
+
+def _convert(value: Any) -> Any:
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [(dt.timedelta(seconds=3), "timedelta"), (Colour.RED, "Colour"), (Point(1, 2.0), "Point")],
+)
+def test_without_json_default_other_types_are_refused_naming_path_and_type(
+    client: Analytics, value: Any, type_name: str
+) -> None:
+    """A dataclass, timedelta or plain Enum is refused, naming the field, its type and the hook."""
+    error = _refused(client, lambda c: c.track("u", "e", {"outer": [1, {"v": value}]}))
+    assert error.field == "properties.outer[1].v"
+    assert type_name in str(error) and "json_default" in str(error)
+
+
+def test_json_default_converts_values_everywhere_without_touching_the_caller() -> None:
+    """Its results are encoded in properties, lists, sets, context and integrations; the
+    caller's containers are not modified, and JSON-typed values never reach the hook."""
+    seen: list[type] = []
+
+    def convert(value: Any) -> Any:
+        seen.append(type(value))
+        return _convert(value)
+
+    props = {
+        "wait": dt.timedelta(minutes=1),
+        "colours": [Colour.RED, "blue"],
+        "set": {Colour.RED},
+        "at": Point(1, 2.5),
+        "plain": {"day": dt.date(2024, 1, 2), "price": decimal.Decimal("1.10"), "n": 1.5},
+    }
+    event = _build(
+        _builder(convert), props, context={"where": Point(3, 4.0)}, integrations={"c": Colour.RED}
+    )
+    assert event["properties"] == {
+        "wait": 60.0,
+        "colours": ["red", "blue"],
+        "set": ["red"],
+        "at": {"x": 1, "y": 2.5},
+        "plain": {"day": "2024-01-02", "price": 1.1, "n": 1.5},
+    }
+    assert event["context"]["where"] == {"x": 3, "y": 4.0}
+    assert event["integrations"] == {"c": "red"}
+    assert props["wait"] == dt.timedelta(minutes=1) and props["colours"][0] is Colour.RED
+    names = sorted(t.__name__ for t in seen)
+    assert names == ["Colour", "Colour", "Colour", "Point", "Point", "timedelta"]
+
+
+@pytest.mark.parametrize(
+    ("hook", "field", "message"),
+    [
+        (lambda v: float("nan"), "properties.v", "finite"),
+        (lambda v: {"deep": [float("inf")]}, "properties.v.deep[0]", "finite"),
+        (lambda v: {1: "a", "1": "b"}, "properties.v[1]", "unique"),
+        (lambda v: {(1, 2): "a"}, "properties.v[(1, 2)]", "not a string"),
+        (lambda v: v, "properties.v", "converted forever"),
+        (lambda v: [v], "properties.v[0]", "converted forever"),
+        (lambda v: object(), "properties.v", "deeper than 32"),
+    ],
+)
+def test_json_default_results_are_checked_like_the_callers_values(
+    hook: Any, field: str, message: str
+) -> None:
+    """NaN, duplicate or odd keys, a value given back, an endless chain: named, no crash."""
+    with pytest.raises(ValidationError) as info:
+        _build(_builder(hook), {"v": object()})
+    assert info.value.field == field
+    assert message in str(info.value)
+
+
+def test_an_exception_in_json_default_names_the_field_and_is_chained() -> None:
+    """json_default raising becomes a ValidationError naming the field, the exception chained."""
+    with pytest.raises(ValidationError) as info:
+        _build(_builder(_convert), {"list": [1, b"bytes"]})
+    assert info.value.field == "properties.list[1]"
+    assert "TypeError" in str(info.value) and "bytes" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_json_default_must_be_callable() -> None:
+    """A json_default that is not a function is a ConfigurationError naming it."""
+    with pytest.raises(ConfigurationError, match="json_default"):
+        _builder("str")
