@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
@@ -45,15 +44,17 @@ import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import EllipsisType, TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import signals
 from ._version import __version__
 from .config import Config, default_persistence_dir
 from .errors import (
     ClosedError,
+    ConfigurationError,
     DurableAnalyticsError,
     EventTooLargeError,
+    HookError,
     QueueCorruptError,
     QueueReplacedError,
     StorageBusyError,
@@ -61,23 +62,39 @@ from .errors import (
     StorageUnavailableError,
     ValidationError,
 )
-from .events import EVENT_NAMES, EncodedEvent, EventBuilder
+from .events import DRAFTS, Draft, EncodedEvent, EventBuilder, EventOptions, JsonDefault
 from .flusher import Flusher
 from .paths import ensure_private_dir
 from .queue import SQLiteQueue
 from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
 
-__all__ = ["Analytics", "ConsentState", "ErrorListener"]
+if TYPE_CHECKING:  # typing.Unpack is 3.11+; only type checkers read it (annotations are lazy)
+    from typing_extensions import Unpack
+
+__all__ = ["Analytics", "BeforeSend", "ConsentState", "ErrorListener"]
 
 logger = logging.getLogger("durable_analytics")
 
 ErrorListener = Callable[[DurableAnalyticsError], object]
+#: ``before_send``: gets the built event (a dict in Layers' anatomy), returns it (changed or
+#: not) to store it, or None to drop it.
+BeforeSend = Callable[[dict[str, Any]], "Mapping[str, Any] | None"]
+
+E = TypeVar("E", bound=DurableAnalyticsError)
 
 _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 
 # Seconds between two warnings about the same ongoing condition (a full queue).
 _LOG_INTERVAL = 10.0
+# The event options a dict passed to track() may carry besides its own fields.
+_OPTION_NAMES = ("timestamp", "context", "message_id", "anonymous_id", "integrations")
+# The methods whose events get global_properties (the others' properties are traits).
+_WITH_GLOBALS = frozenset({"track", "screen", "page"})
+# Constructor keywords that are not Config options.
+_NOT_CONFIG = frozenset(
+    {"before_send", "global_properties", "json_default", "on_error", "transport"}
+)
 # After SQLite's busy_timeout, how much longer track() retries a locked queue (with jitter).
 _BUSY_RETRY_BUDGET = 0.25
 
@@ -140,17 +157,37 @@ class Analytics:
         retry_base_delay: float | None = None,
         retry_max_delay: float | None = None,
         allow_insecure_http: bool | None = None,
+        proxy: str | Literal[False] | None = None,
+        ca_bundle: str | os.PathLike[str] | None = None,
+        on_queue_full: Literal["drop_oldest", "block", "raise"] | None = None,
+        block_timeout: float | None = None,
+        before_send: BeforeSend | None = None,
+        global_properties: Mapping[str, Any] | None = None,
+        json_default: JsonDefault | None = None,
         on_error: ErrorListener | None = None,
         transport: Transport | None = None,
     ) -> None:
+        # Every Config field is a keyword here (tests/test_config.py checks the two agree);
+        # the rest are hooks and objects, which no environment variable can carry.
         options = {
             name: value
             for name, value in locals().items()
-            if name not in ("self", "on_error", "transport", "__class__")
+            if name not in _NOT_CONFIG and name != "self" and name != "__class__"
         }
         self.config = config = Config.resolve(options)
         if config.debug:
+            # Our logger only: the host's other loggers and the root level are its business.
             logger.setLevel(logging.DEBUG)
+        for name, hook in (("before_send", before_send), ("on_error", on_error)):
+            if hook is not None and not callable(hook):
+                raise ConfigurationError(name, f"must be a function, got {type(hook).__name__}")
+        self._before_send = before_send
+        self._global_properties: dict[str, Any] | None = None
+        if global_properties is not None:
+            try:
+                self.set_global_properties(global_properties)
+            except ValidationError as exc:
+                raise ConfigurationError("global_properties", str(exc)) from None
         self._listeners: list[ErrorListener] = [on_error] if on_error is not None else []
         self._consent = ConsentState()
         self._session_id = str(uuid.uuid4())
@@ -183,6 +220,7 @@ class Analytics:
             platform=config.platform,
             library_version=__version__,
             max_event_bytes=config.max_event_bytes,
+            json_default=json_default,
         )
         self._transport: Transport = transport or HTTPTransport(
             base_url=config.base_url,
@@ -226,262 +264,135 @@ class Analytics:
         )
 
     # --- event methods ---------------------------------------------------------------------
+    #
+    # Each is the method's own arguments -> events.DRAFTS[method] -> `_record`. The keyword
+    # arguments every method shares (timestamp, context, message_id, anonymous_id,
+    # integrations) are `EventOptions`, passed through as they are.
 
     def track(
         self,
         distinct_id: str | Mapping[str, Any] | None = None,
         event: str | None = None,
         properties: Mapping[str, Any] | None = None,
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
         """Record that ``distinct_id`` did ``event``; returns the event's ``message_id``.
 
         Also takes the seeds' object form: ``track(event="Signup", distinct_id="u1",
-        properties={...})``, or a single dict with those keys.
+        properties={...})``, or a single dict with those keys (``user_id`` for
+        ``distinct_id`` too, and any of the options).
 
         :raises ValidationError: an argument is invalid (the message names it).
+        :raises ClosedError: after `shutdown`.
         """
         if isinstance(distinct_id, Mapping):
             fields = dict(distinct_id)
             distinct_id = fields.pop("distinct_id", fields.pop("user_id", None))
             event = fields.pop("event", event)
             properties = fields.pop("properties", properties)
-            timestamp = fields.pop("timestamp", timestamp)
-            context = fields.pop("context", context)
-            message_id = fields.pop("message_id", message_id)
-            anonymous_id = fields.pop("anonymous_id", anonymous_id)
-            integrations = fields.pop("integrations", integrations)
+            for name in _OPTION_NAMES:
+                if name in fields:
+                    options[name] = fields.pop(name)  # type: ignore[literal-required]
             if fields:
                 self._stats.drop("invalid")
                 raise ValidationError("track", f"unknown field(s) {', '.join(sorted(fields))}")
-        if event is None:
-            self._stats.drop("invalid")
-            raise ValidationError("event", "is required")
-        name = self._name(event, "event")
-        return self._record(
-            "track",
-            name,
-            distinct_id,
-            properties,
-            "properties",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        return self._record("track", options, distinct_id, event, properties)
 
     def screen(
         self,
         distinct_id: str | None,
         name: str,
         properties: Mapping[str, Any] | None = None,
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
         """Record a screen view (event ``$screen`` with ``screen_name``); returns the message id."""
-        screen_name = self._name(name, "name")
-        props = {"screen_name": screen_name, **self._mapping(properties, "properties")}
-        return self._record(
-            "screen",
-            EVENT_NAMES["screen"],
-            distinct_id,
-            props,
-            "properties",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        return self._record("screen", options, distinct_id, name, properties)
 
     def page(
         self,
         distinct_id: str | None,
         name: str | None = None,
         properties: Mapping[str, Any] | None = None,
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
         """Record a page view (event ``$pageview`` with ``page_name``); returns the message id."""
-        props = dict(self._mapping(properties, "properties"))
-        if name is not None:
-            props = {"page_name": self._name(name, "name"), **props}
-        return self._record(
-            "page",
-            EVENT_NAMES["page"],
-            distinct_id,
-            props,
-            "properties",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        return self._record("page", options, distinct_id, name, properties)
 
     def identify(
         self,
         distinct_id: str | None,
         traits: Mapping[str, Any] | None = None,
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
         """Tie ``distinct_id`` to ``traits`` (event ``$identify``); returns the message id."""
-        return self._record(
-            "identify",
-            EVENT_NAMES["identify"],
-            distinct_id,
-            traits,
-            "traits",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        return self._record("identify", options, distinct_id, traits)
 
     def set_user_properties(
         self,
         distinct_id: str | None,
         properties: Mapping[str, Any],
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
-        """Set properties on the user (event ``$set``); returns the message id."""
-        return self._record(
-            "set_user_properties",
-            EVENT_NAMES["set_user_properties"],
-            distinct_id,
-            properties,
-            "properties",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        """Set properties on the user (event ``$set``, type ``identify``); returns the id."""
+        return self._record("set_user_properties", options, distinct_id, properties)
 
     def group(
         self,
         distinct_id: str | None,
         group_id: str,
         traits: Mapping[str, Any] | None = None,
-        *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
         """Put the user in a group such as a company (event ``$group``); returns the message id."""
-        gid = self._name(group_id, "group_id")
-        props = {"group_id": gid, "traits": dict(self._mapping(traits, "traits"))}
-        return self._record(
-            "group",
-            EVENT_NAMES["group"],
-            distinct_id,
-            props,
-            "traits",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        return self._record("group", options, distinct_id, group_id, traits)
 
     def alias(
         self,
-        distinct_id: str,
-        previous_id: str,
+        distinct_id: str | None = None,
+        previous_id: str | None = None,
         *,
-        timestamp: dt.datetime | None = None,
-        context: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        anonymous_id: str | None = None,
-        integrations: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        **options: Unpack[EventOptions],
     ) -> str:
-        """Link ``previous_id`` to the new ``distinct_id`` (event ``$alias``); returns the id."""
-        previous = self._name(previous_id, "previous_id")
-        return self._record(
-            "alias",
-            EVENT_NAMES["alias"],
-            distinct_id,
-            {"previous_id": previous},
-            "properties",
-            timestamp,
-            context,
-            message_id,
-            anonymous_id,
-            integrations,
-        )
+        """Link ``previous_id`` to the new ``distinct_id`` (event ``$alias``); returns the id.
 
-    def _name(self, value: Any, field: str) -> str:
-        if not isinstance(value, str) or not value.strip():
+        Positionally the order is (new id, previous id), the seeds' order; Segment's and
+        PostHog's ``alias(previous_id, user_id)`` is the other way round, so code ported from
+        them should pass keywords: ``alias(user_id=new, previous_id=old)`` (``user_id`` is
+        ``distinct_id`` by its Segment name). docs/porting.md says more.
+
+        :raises ValidationError: an id is missing or invalid, or both ``distinct_id`` and
+            ``user_id`` were given.
+        """
+        if user_id is not None:
+            if distinct_id is not None:
+                self._stats.drop("invalid")
+                raise ValidationError("user_id", "give distinct_id or user_id, not both")
+            distinct_id = user_id
+        if distinct_id is None:
             self._stats.drop("invalid")
-            raise ValidationError(field, f"must be a non-empty string, got {value!r}")
-        return value
+            raise ValidationError("distinct_id", "is required (the new id)")
+        return self._record("alias", options, distinct_id, previous_id)
 
-    def _mapping(self, value: Any, field: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self._stats.drop("invalid")
-            raise ValidationError(field, f"must be a dict, got {type(value).__name__}")
-        return value
-
-    def _record(
-        self,
-        kind: str,
-        event: str,
-        distinct_id: Any,
-        properties: Any,
-        properties_field: str,
-        timestamp: dt.datetime | None,
-        context: Any,
-        message_id: Any,
-        anonymous_id: Any,
-        integrations: Any,
-    ) -> str:
+    def _record(self, kind: str, options: EventOptions, *args: Any) -> str:
+        """Map, validate, hook, encode and enqueue one event; returns its message id."""
         if self._closed:
             raise ClosedError(
                 f"{kind}() after shutdown(): this client is closed and wrote nothing; "
                 "create a new Analytics (or call durable_analytics.configure again)"
             )
         try:
+            draft = DRAFTS[kind](*args)
+            if self._global_properties is not None and kind in _WITH_GLOBALS:
+                draft = _with_globals(draft, self._global_properties)
             encoded = self._builder.build(
-                kind=kind,
-                event=event,
-                distinct_id=distinct_id,
-                properties=properties,
+                kind=draft.kind,
+                event=draft.event,
+                distinct_id=draft.distinct_id,
+                properties=draft.properties,
+                properties_field=draft.properties_field,
                 consent=self._consent.as_dict(),
-                timestamp=timestamp,
-                context=context,
-                message_id=message_id,
-                anonymous_id=anonymous_id,
-                integrations=integrations,
-                properties_field=properties_field,
+                **options,
             )
         except EventTooLargeError:
             self._stats.drop("too_large")
@@ -491,10 +402,48 @@ class Analytics:
             raise
         if self._consent.analytics is False:
             self._stats.drop("consent")
-            logger.debug("durable_analytics: %s dropped: analytics consent withheld", event)
+            logger.debug("durable_analytics: %s dropped: analytics consent withheld", draft.event)
             return encoded.message_id
+        if self._before_send is not None:
+            hooked = self._run_before_send(encoded)
+            if hooked is None:
+                return encoded.message_id
+            encoded = hooked
         self._enqueue(encoded)
         return encoded.message_id
+
+    def _run_before_send(self, encoded: EncodedEvent) -> EncodedEvent | None:
+        """``before_send`` on the built event; None when it drops the event (or fails: counted
+        as ``before_send`` and reported, never raised into the caller)."""
+        assert self._before_send is not None
+        try:
+            result = self._before_send(json.loads(encoded.payload))
+            if result is None:
+                self._stats.drop("before_send")
+                logger.debug("durable_analytics: %s dropped by before_send", encoded.event)
+                return None
+            return self._builder.encode(result)
+        except Exception as exc:  # noqa: BLE001 - a user hook: reported, never raised into the caller
+            self._stats.drop("before_send")
+            error = HookError(f"before_send failed, event {encoded.event!r} dropped: {exc!r}")
+            error.__cause__ = exc
+            self._stats.record_error(error)
+            logger.error("durable_analytics: %s", error)
+            self._report(_with_events(error, encoded))
+            return None
+
+    def set_global_properties(self, properties: Mapping[str, Any] | None) -> None:
+        """Properties merged under every track, screen and page event's own (``None`` clears).
+
+        Identify, group and alias events are not changed: their properties are traits.
+
+        :raises ValidationError: not a dict.
+        """
+        if properties is not None and not isinstance(properties, Mapping):
+            raise ValidationError(
+                "global_properties", f"must be a dict, got {type(properties).__name__}"
+            )
+        self._global_properties = None if properties is None else dict(properties)
 
     def _enqueue(self, encoded: EncodedEvent) -> None:
         config = self.config
@@ -509,6 +458,13 @@ class Analytics:
         if self._storage_failing:
             self._storage_recovered()
         self._stats.add("enqueued")
+        if config.debug:
+            logger.debug(
+                "durable_analytics: stored %s %r (message_id %s)",
+                encoded.type,
+                encoded.event,
+                encoded.message_id,
+            )
         if trimmed:
             self._stats.drop("queue_full", trimmed)
             self._warn_trimmed(trimmed)
@@ -768,10 +724,20 @@ class Analytics:
         self._pending_local = 0
 
 
-def _with_events(exc: StorageError, event: EncodedEvent) -> StorageError:
+def _with_events(exc: E, event: EncodedEvent) -> E:
     with contextlib.suppress(ValueError):
         exc.events = (json.loads(event.payload),)
     return exc
+
+
+def _with_globals(draft: Draft, global_properties: Mapping[str, Any]) -> Draft:
+    """``global_properties`` under the event's own (a non-dict is left for validation)."""
+    own = draft.properties
+    if own is None:
+        return draft._replace(properties=dict(global_properties))
+    if isinstance(own, Mapping):
+        return draft._replace(properties={**global_properties, **own})
+    return draft
 
 
 def _after_fork_in_child() -> None:

@@ -7,6 +7,7 @@
     ├── ValidationError (ValueError)         an event argument is wrong; nothing was queued
     │   └── EventTooLargeError               the encoded event is over max_event_bytes
     ├── ClosedError                          the client was shut down
+    ├── HookError                            before_send raised or returned a bad event
     ├── StorageError                         the on-disk queue cannot be used
     │   ├── UnsafePathError                  symlink, foreign owner or loose permissions
     │   │   └── NetworkFilesystemError       the directory is on NFS/SMB/...: WAL would corrupt
@@ -43,6 +44,7 @@ __all__ = [
     "DeliveryError",
     "DurableAnalyticsError",
     "EventTooLargeError",
+    "HookError",
     "NetworkFilesystemError",
     "QueueCorruptError",
     "QueueMismatchError",
@@ -91,6 +93,14 @@ class EventTooLargeError(ValidationError):
 
 class ClosedError(DurableAnalyticsError):
     """The client was shut down; create a new one to track more events."""
+
+
+class HookError(DurableAnalyticsError):
+    """A ``before_send`` hook raised, or returned something that is not a valid event.
+
+    Handed to the error listeners (the event is dropped and counted as ``before_send``);
+    never raised into the code that called the event method. ``__cause__`` is the original.
+    """
 
 
 class StorageError(DurableAnalyticsError):

@@ -38,16 +38,19 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypedDict
 
 from .errors import ConfigurationError, EventTooLargeError, ValidationError
 
 __all__ = [
+    "DRAFTS",
     "EVENT_NAMES",
     "EVENT_TYPES",
     "MAX_NAME_LENGTH",
+    "Draft",
     "EncodedEvent",
     "EventBuilder",
+    "EventOptions",
     "JsonDefault",
     "check_name",
     "format_timestamp",
@@ -84,6 +87,9 @@ MAX_ID_LENGTH: Final = 255
 #: the ids, since the receiving side indexes and groups by them alike.
 MAX_NAME_LENGTH: Final = 255
 
+_TYPES: Final = frozenset(EVENT_TYPES.values())
+_TIMESTAMP: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
 # Which property carries the name each non-track method was given, and the argument it came from.
 _NAMED: Final = {
     "screen": ("screen_name", "name"),
@@ -103,6 +109,98 @@ class EncodedEvent:
     distinct_id: str | None
     created_at: str
     payload: str
+
+
+class EventOptions(TypedDict, total=False):
+    """The keyword arguments every event method takes (SPEC "Public API")."""
+
+    #: When it happened (historical import); default: now. An aware datetime, or naive UTC.
+    timestamp: dt.datetime | None
+    #: Merged into the event's ``context`` (``library`` and ``consent`` are always ours).
+    context: Mapping[str, Any] | None
+    #: The de-duplication key; default: a new UUID.
+    message_id: str | None
+    #: An anonymous id, sent besides (or instead of) the distinct id.
+    anonymous_id: str | None
+    #: Per-destination switches, passed through (Segment's ``integrations``).
+    integrations: Mapping[str, Any] | None
+
+
+class Draft(NamedTuple):
+    """What an event method was asked to record: the method -> event mapping, not yet
+    validated or encoded (`EventBuilder.build` does both)."""
+
+    kind: str
+    event: str
+    distinct_id: Any
+    properties: Any
+    properties_field: str = "properties"
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a dict, got {type(value).__name__}")
+    return value
+
+
+def track_event(distinct_id: Any, event: Any, properties: Any) -> Draft:
+    """`Analytics.track`: the name given, the properties given."""
+    if event is None:
+        raise ValidationError("event", "is required")
+    return Draft("track", check_name(event, "event"), distinct_id, properties)
+
+
+def screen_event(distinct_id: Any, name: Any, properties: Any) -> Draft:
+    """`Analytics.screen`: ``$screen``; the name wins over a ``screen_name`` property."""
+    props = {**_mapping(properties, "properties"), "screen_name": check_name(name, "name")}
+    return Draft("screen", EVENT_NAMES["screen"], distinct_id, props)
+
+
+def page_event(distinct_id: Any, name: Any, properties: Any) -> Draft:
+    """`Analytics.page`: ``$pageview``, with ``page_name`` when a name is given."""
+    props = dict(_mapping(properties, "properties"))
+    if name is not None:
+        props["page_name"] = check_name(name, "name")
+    return Draft("page", EVENT_NAMES["page"], distinct_id, props)
+
+
+def identify_event(distinct_id: Any, traits: Any) -> Draft:
+    """`Analytics.identify`: ``$identify`` with the traits as properties."""
+    return Draft("identify", EVENT_NAMES["identify"], distinct_id, traits, "traits")
+
+
+def set_user_properties_event(distinct_id: Any, properties: Any) -> Draft:
+    """`Analytics.set_user_properties`: ``$set``, type ``identify``."""
+    return Draft("set_user_properties", EVENT_NAMES["set_user_properties"], distinct_id, properties)
+
+
+def group_event(distinct_id: Any, group_id: Any, traits: Any) -> Draft:
+    """`Analytics.group`: ``$group`` with ``group_id`` and ``traits``."""
+    props = {
+        "group_id": check_name(group_id, "group_id"),
+        "traits": dict(_mapping(traits, "traits")),
+    }
+    return Draft("group", EVENT_NAMES["group"], distinct_id, props, "traits")
+
+
+def alias_event(distinct_id: Any, previous_id: Any) -> Draft:
+    """`Analytics.alias`: ``$alias`` from ``previous_id`` to the (new) distinct id."""
+    previous = check_name(previous_id, "previous_id")
+    return Draft("alias", EVENT_NAMES["alias"], distinct_id, {"previous_id": previous})
+
+
+#: The event each method records, by method name.
+DRAFTS: Final[dict[str, Callable[..., Draft]]] = {
+    "track": track_event,
+    "screen": screen_event,
+    "page": page_event,
+    "identify": identify_event,
+    "set_user_properties": set_user_properties_event,
+    "group": group_event,
+    "alias": alias_event,
+}
 
 
 def format_timestamp(moment: dt.datetime | float | None = None) -> str:
@@ -575,6 +673,42 @@ class EventBuilder:
                 f"{self.max_event_bytes}",
             )
         return EncodedEvent(mid, kind, event, user, created_at, text)
+
+    def encode(self, event: Any) -> EncodedEvent:
+        """Validate and encode an event already in Layers' anatomy (what ``before_send``
+        returns after changing a built event), with the same rules as `build`.
+
+        :raises ValidationError: not a dict, or a field is missing or invalid (named).
+        :raises EventTooLargeError: the encoded event exceeds ``max_event_bytes``.
+        """
+        if not isinstance(event, Mapping):
+            raise ValidationError("event", f"must be a dict, got {type(event).__name__}")
+        name = check_name(event.get("event"), "event")
+        kind = event.get("type")
+        if kind not in _TYPES:
+            raise ValidationError("type", f"must be one of {sorted(_TYPES)}, got {_short(kind)}")
+        mid = _check_id(event.get("event_id"), "event_id", required=True) or ""
+        anonymous = _check_id(event.get("anonymous_id"), "anonymous_id", required=False)
+        user = _check_id(event.get("app_user_id"), "app_user_id", required=anonymous is None)
+        created_at = event.get("timestamp")
+        if not isinstance(created_at, str) or not _TIMESTAMP.fullmatch(created_at):
+            raise ValidationError(
+                "timestamp", f"must be ISO-8601 UTC text like {_now()!r}, got {_short(created_at)}"
+            )
+        text = _dumps(_check_dict(event, "event", self.json_default), "event")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValidationError(
+                "event", "contains a lone surrogate, which is not valid UTF-8 text"
+            ) from exc
+        if size > self.max_event_bytes:
+            raise EventTooLargeError(
+                "event",
+                f"event {name!r} is {size} bytes encoded, over max_event_bytes="
+                f"{self.max_event_bytes}",
+            )
+        return EncodedEvent(mid, str(kind), name, user, created_at, text)
 
     @staticmethod
     def _other_kind(kind: str, properties: Any) -> str:
