@@ -54,7 +54,7 @@ class Config:
     max_batch_bytes: int = 500_000
     max_event_bytes: int = 32_768
     request_timeout: float = 10.0
-    max_retries: int = 10
+    max_retries: int | None = None
     shutdown_timeout: float = 5.0
     handle_signals: bool = True
     send: bool = True
@@ -146,7 +146,7 @@ class Config:
         ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(name, f"must be >= 1, got {getattr(self, name)!r}")
-        if self.max_retries < 0:
+        if self.max_retries is not None and self.max_retries < 0:
             raise ConfigurationError("max_retries", f"must be >= 0, got {self.max_retries!r}")
         if self.max_event_bytes > self.max_batch_bytes:
             raise ConfigurationError(

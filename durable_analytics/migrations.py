@@ -64,7 +64,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("PRAGMA user_version = 1")
 
 
-SCHEMA_VERSION = 1
+@migrations()
+def m002_dead_letter_response(db: sqlite_utils.Database) -> None:
+    """dead_letter.response: the start of the server's answer, so an operator can see why."""
+    db.execute("ALTER TABLE dead_letter ADD COLUMN response TEXT")
+    db.execute("PRAGMA user_version = 2")
+
+
+SCHEMA_VERSION = 2
 
 
 def check_version(conn: sqlite3.Connection, path: str) -> int:
