@@ -25,7 +25,7 @@ def test_defaults_match_the_spec() -> None:
         10_000,
         100,
     )
-    assert (c.request_timeout, c.max_retries, c.shutdown_timeout) == (10.0, 10, 5.0)
+    assert (c.request_timeout, c.max_retries, c.shutdown_timeout) == (10.0, None, 5.0)
     assert (c.handle_signals, c.send, c.durability, c.debug) == (True, True, "process", False)
     assert c.use_gzip is False
     assert Config.resolve({"app_id": "a", "protocol": "segment"}, environ={}).use_gzip is True
