@@ -304,11 +304,16 @@ class SQLiteQueue(QueueStorage):
         with self._flushing() as conn:
             source = self._reader_id
             try:
-                rows = conn.execute(SELECT_BATCH, (max_count,)).fetchall()
-            except sqlite3.OperationalError as exc:
-                if "decode" not in str(exc):
-                    raise translate(exc, self.path) from exc
-                rows = None
+                cursor = conn.execute(SELECT_BATCH, (max_count,))
+                rows: list[Any] | None
+                try:
+                    rows = cursor.fetchall()
+                except sqlite3.OperationalError as exc:
+                    if "decode" not in str(exc):
+                        raise
+                    # "Could not decode to UTF-8": a row that is not valid UTF-8 (below).
+                    cursor.close()  # ends the statement, and its read snapshot, now
+                    rows = None
             except sqlite3.DatabaseError as exc:
                 raise translate(exc, self.path) from exc
         if rows is None:

@@ -300,7 +300,7 @@ def test_status_reports_one_queue(queue_dir: Path) -> None:
     assert info["dead_letters"] == 2
     assert info["dead_letters_by_reason"] == {"rejected_400": 2}
     assert info["pending_by_event"] == {"page_view": 2, "search": 2, "signup": 3}
-    assert info["schema_version"] == 1
+    assert info["schema_version"] == 2  # m002_dead_letter_response
     assert info["oldest_created_at"].endswith("Z")
     assert info["last_id"] == 9
     human = run("status", "--dir", str(queue_dir)).stdout
