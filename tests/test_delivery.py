@@ -592,3 +592,24 @@ def test_clean_shutdowns_against_a_slow_server_send_no_batch_twice(
     duplicates = [i for i, n in collections.Counter(seen).items() if n > 1]
     assert duplicates == []
     assert sorted(seen) == sorted(tracked)  # str ids: every one, once
+
+
+def test_a_queue_from_before_the_response_column_is_upgraded(
+    make_client: Any, collector: Collector
+) -> None:
+    """A file at schema version 1 (no dead_letter.response) gets the column when opened, keeps
+    its events, and its dead letters then keep the server's answer."""
+    old = make_client(send=False)
+    refused = old.track("u", "e")
+    old.shutdown()
+    with sqlite3.connect(old.queue_path) as conn:
+        conn.execute("ALTER TABLE dead_letter DROP COLUMN response")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm002_dead_letter_response'")
+        conn.execute("PRAGMA user_version = 1")
+    collector.respond_with(404, body="no such ingest")
+    client = make_client(base_url=collector.url)
+    assert client.flush(timeout=10)
+    with sqlite3.connect(client.queue_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        rows = conn.execute("SELECT message_id, status_code, response FROM dead_letter").fetchall()
+    assert rows == [(refused, 404, "no such ingest")]
