@@ -15,6 +15,12 @@ reported once per streak, like `track()`'s, and followed by a backoff; a damaged
 moved aside (`SQLiteQueue.quarantine`). A batch the server accepted but whose delete could
 not be written (full disk: even a DELETE needs WAL space) is remembered by id, and the next
 attempt deletes it before sending anything, instead of sending it again.
+
+Retryable failures are retried until delivered unless ``max_retries`` sets a limit. A stored
+row that can never be sent (not valid UTF-8, or refused by the wire format) goes to
+``dead_letter`` with a reason instead of failing every attempt and holding back the rows behind
+it. `shutdown` (`finish_by`) starts no request it expects to outlive its deadline and waits for
+the one in flight, so a clean exit leaves no accepted batch undeleted to be sent again.
 """
 
 from __future__ import annotations

@@ -354,8 +354,8 @@ class SQLiteQueue(QueueStorage):
         if bad:
             reason = "unreadable_payload: invalid UTF-8"
             # INSERT ... SELECT copies the bytes inside SQLite: nothing decodes them on the way.
-            self.move_to_dead_letter([i for i, _ in bad], reason, None, source=source)
-            if unreadable is not None:
+            moved = self.move_to_dead_letter([i for i, _ in bad], reason, None, source=source)
+            if moved and unreadable is not None:
                 unreadable.extend((message_id, reason) for _, message_id in bad)
         return batch
 
