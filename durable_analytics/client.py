@@ -678,6 +678,8 @@ class Analytics:
             self._closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        # No request may outlive the deadline: its batch would be sent again by the next process.
+        self._flusher.finish_by(deadline)
         delivered = self.flush(budget) if self.config.send else self._empty()
         stopped = self._flusher.stop(max(0.0, deadline - time.monotonic()))
         if stopped and delivered:

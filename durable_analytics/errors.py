@@ -19,6 +19,7 @@
     │       └── StorageBusyError             locked by another connection past busy_timeout
     └── DeliveryError                        a batch could not be delivered (listeners only)
         ├── RetryableDeliveryError           network error, timeout, 408, 429, 5xx
+        ├── TransportError                   the transport's send raised; retried as a network error
         ├── AuthenticationError              401/403: events kept on disk
         └── RejectedError                    other 4xx: events moved to dead_letter
 
@@ -55,6 +56,7 @@ __all__ = [
     "StorageBusyError",
     "StorageError",
     "StorageUnavailableError",
+    "TransportError",
     "UnsafePathError",
     "ValidationError",
 ]
@@ -200,6 +202,11 @@ class RetryableDeliveryError(DeliveryError):
 
 class AuthenticationError(DeliveryError):
     """The server refused the credentials (401/403); the events stay on disk."""
+
+
+class TransportError(DeliveryError):
+    """The transport's ``send`` raised something other than `SendFailed` (a custom transport's
+    own exception); treated as a network failure: the events stay on disk and are retried."""
 
 
 class RejectedError(DeliveryError):

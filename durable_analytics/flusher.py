@@ -15,11 +15,19 @@ reported once per streak, like `track()`'s, and followed by a backoff; a damaged
 moved aside (`SQLiteQueue.quarantine`). A batch the server accepted but whose delete could
 not be written (full disk: even a DELETE needs WAL space) is remembered by id, and the next
 attempt deletes it before sending anything, instead of sending it again.
+
+Retryable failures are retried until delivered unless ``max_retries`` sets a limit. A stored
+row that can never be sent (not valid UTF-8, or refused by the wire format) goes to
+``dead_letter`` with a reason instead of failing every attempt and holding back the rows behind
+it. `shutdown` (`finish_by`) starts no request it expects to outlive its deadline and waits for
+the one in flight, so a clean exit leaves no accepted batch undeleted to be sent again.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import logging
 import os
 import random
@@ -34,17 +42,19 @@ import filelock
 from .config import Config
 from .errors import (
     AuthenticationError,
+    DeliveryError,
     DurableAnalyticsError,
     QueueCorruptError,
     RejectedError,
     RetryableDeliveryError,
     StorageError,
+    TransportError,
 )
 from .paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
 from .queue import QueuedEvent, SQLiteQueue, decode_payload
 from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
 from .stats import Stats
-from .transport import SendFailed, Transport
+from .transport import SendFailed, Transport, to_segment
 
 __all__ = ["Flusher"]
 
@@ -65,6 +75,12 @@ _WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
 _WAL_LIMIT_BYTES = 8 * 1024 * 1024
 # How often flush() re-checks the queue when another process is the one shipping from it.
 _POLL = 0.05
+# The part of the server's answer kept with a dead letter.
+_RESPONSE_KEPT = 1024
+# At shutdown, a request is started only if it should be answered (and its batch deleted)
+# before the deadline: twice the slowest of the last few requests, plus this margin.
+_SEND_MARGIN = 0.1
+_DURATIONS_KEPT = 8
 
 # One (thread lock, file lock) pair per lock file per process: two FileLock objects for one
 # path in one process would each think they hold it.
@@ -154,6 +170,10 @@ class Flusher:
         self._unacked: list[QueuedEvent] = []
         # The WAL size that makes the next checkpoint due (see _WAL_CHECKPOINT_BYTES).
         self._wal_mark = _WAL_CHECKPOINT_BYTES
+        # Set by `finish_by` (shutdown): no request starts that would outlive this moment.
+        self._finish_by: float | None = None
+        self._durations: collections.deque[float] = collections.deque(maxlen=_DURATIONS_KEPT)
+        self._in_flight = False
 
     def after_fork(self) -> None:
         """In a forked child: no thread exists here; start a fresh one when next needed."""
@@ -202,6 +222,8 @@ class Flusher:
             while True:
                 if self._done(target):
                     return True
+                if self._finish_by is not None and not self._in_flight and not self._may_send():
+                    return False  # shutdown: no request fits before the deadline any more
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -211,6 +233,24 @@ class Flusher:
     def _done(self, target: int) -> bool:
         head = self.queue.head()
         return head is None or head[0] > target
+
+    def finish_by(self, deadline: float) -> None:
+        """Shutdown: from now on, start no request that would still be running at ``deadline``
+        (a `time.monotonic` time).
+
+        A request cut off by the process's exit after the server accepted it leaves its batch
+        undeleted, and the next process sends it again: a duplicate after a clean shutdown.
+        So the last requests are only those expected to be answered, and their batches
+        deleted, in time; `stop` then waits for the one in flight. What is left stays on disk.
+        """
+        self._finish_by = deadline
+        self._wake.set()
+
+    def _may_send(self) -> bool:
+        if self._finish_by is None:
+            return True
+        slowest = max(self._durations, default=0.0)
+        return time.monotonic() + 2 * slowest + _SEND_MARGIN <= self._finish_by
 
     def stop(self, timeout: float | None) -> bool:
         """Stop the thread; returns False if it is still busy (e.g. inside a slow request)."""
@@ -228,7 +268,9 @@ class Flusher:
         while not self._stop.is_set():
             now = time.monotonic()
             hold = max(self._server_until, 0.0 if self._urgent else self._backoff_until)
-            if self._failures:
+            if not self._may_send():
+                wait = self.config.flush_interval  # shutting down: nothing more to send
+            elif self._failures:
                 # A retry is due at `hold`, even if that moment has already passed: waiting a
                 # whole flush_interval instead would stall flush() callers behind one 5xx.
                 wait = max(0.0, hold - now)
@@ -349,10 +391,13 @@ class Flusher:
                 return
             if self._unacked:
                 # Delivered last time, but the delete failed: acknowledge before sending more.
-                self.queue.delete([e.id for e in self._unacked], source=self._unacked[0].source)
+                deleted = self.queue.delete(
+                    [e.id for e in self._unacked], source=self._unacked[0].source
+                )
                 self._unacked = []
+                self.stats.add("delivered", deleted)
             sent_any = False
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._may_send():
                 if not (self._urgent or self._interval_due):
                     # Decide on the O(1) depth, not on a batch read: reading a partial batch
                     # only to read it again after the linger cost a read per batch.
@@ -362,14 +407,24 @@ class Flusher:
                         break
                     if depth < self.config.max_batch_size:
                         self._linger(time.monotonic() + min(_LINGER, self.config.flush_interval))
+                unreadable: list[tuple[str, str]] = []
                 batch = self.queue.read_batch(
-                    self.config.max_batch_size, self.config.max_batch_bytes
+                    self.config.max_batch_size, self.config.max_batch_bytes, unreadable
                 )
+                if unreadable:
+                    self._unreadable(unreadable)
+                    if not batch:
+                        continue  # the rows behind them
                 if not batch:
                     # Nothing left to retry: the next wait is a normal interval again.
                     self._failures = 0
                     break
-                ok = self._ship(batch)
+                # Until the batch is deleted too: a final flush() must not give up before that.
+                self._in_flight = True
+                try:
+                    ok = self._ship(batch)
+                finally:
+                    self._in_flight = False
                 sent_any = True
                 if self._checkpoint_due():
                     # A long drain with steady writers: checkpoint as we go (S10), not only
@@ -422,16 +477,28 @@ class Flusher:
         pending: list[Sequence[QueuedEvent]] = [batch]
         while pending:
             part = pending.pop()
-            decision, status, retry_after = self._send(part)
+            if not self._may_send():
+                return True  # shutting down: the rest stays on disk for the next process
+            try:
+                decision, status, retry_after = self._send(part)
+            except _PayloadsRefused as refused:
+                for reason, events in refused.by_reason.items():
+                    self._dead_letter(events, reason, None)
+                bad = {e.id for events in refused.by_reason.values() for e in events}
+                rest = [e for e in part if e.id not in bad]
+                if rest:
+                    pending.append(rest)
+                continue
             ids = [event.id for event in part]
             if decision.action is Action.DELIVERED:
                 try:
-                    self.queue.delete(ids, source=part[0].source)
+                    deleted = self.queue.delete(ids, source=part[0].source)
                 except StorageError:
                     self._unacked.extend(part)  # see the module docstring
-                    self.stats.add("delivered", len(part))
                     raise
-                self.stats.add("delivered", len(part))
+                # Only the rows the delete found: rows the cap trimmed while in flight were
+                # counted as dropped (queue_full) already.
+                self.stats.add("delivered", deleted)
                 self.stats.add("batches")
                 self._recovered()
             elif decision.action is Action.SPLIT and len(part) > 1:
@@ -439,7 +506,7 @@ class Flusher:
                 self.stats.add("splits")
                 pending.extend([part[middle:], part[:middle]])  # first half is popped first
             elif decision.action in (Action.SPLIT, Action.DEAD_LETTER):
-                self._dead_letter(part, decision.reason, status)
+                self._dead_letter(part, decision.reason, status, self._last_response)
             elif decision.action is Action.KEEP:
                 self._keep(part, decision, status, retry_after)
                 return False
@@ -449,18 +516,62 @@ class Flusher:
         return True
 
     def _send(self, part: Sequence[QueuedEvent]) -> tuple[Decision, int | None, float | None]:
+        """One request; raises `_PayloadsRefused` if stored events can't be put on the wire."""
+        self._last_response = None
+        self._failure_class = RetryableDeliveryError
+        started = time.monotonic()
         try:
             response = self.transport.send([event.payload for event in part])
         except SendFailed as exc:
             self._last_failure = str(exc)
             return classify(None, timed_out=exc.timed_out), None, None
+        except Exception as exc:
+            # Not an answer from the server: either stored events the wire format can't carry
+            # (isolated here, so they can't block the queue), or the transport's own fault,
+            # retried like a network failure (logged once per streak, without a traceback).
+            refused = _refused_payloads(part, getattr(self.transport, "protocol", None))
+            if refused:
+                raise _PayloadsRefused(refused) from exc
+            logger.debug("durable_analytics: the transport raised", exc_info=True)
+            self._last_failure = f"transport error: {type(exc).__name__}: {str(exc)[:300]}"
+            self._failure_class = TransportError
+            return classify(None), None, None
+        finally:
+            self._durations.append(time.monotonic() - started)
         retry_after = parse_retry_after(_header(response.headers, "retry-after"), MAX_RETRY_AFTER)
         self._last_failure = f"HTTP {response.status}"
+        if response.body:
+            self._last_response = response.body[:_RESPONSE_KEPT].decode("utf-8", "replace")
         return classify(response.status), response.status, retry_after
 
-    def _dead_letter(self, part: Sequence[QueuedEvent], reason: str, status: int | None) -> None:
+    def _unreadable(self, rows: list[tuple[str, str]]) -> None:
+        """Rows `read_batch` moved to dead_letter because they can't be read at all."""
+        self.stats.add("dead_lettered", len(rows))
+        reasons = sorted({reason for _, reason in rows})
+        logger.error(
+            "durable_analytics: %d stored event(s) could not be read (%s); moved to dead_letter "
+            "in %s",
+            len(rows),
+            ", ".join(reasons),
+            self.queue.path,
+        )
+        self.report(
+            RejectedError(
+                f"{len(rows)} stored event(s) could not be read ({', '.join(reasons)}); "
+                "moved to dead_letter",
+                events=[{"event_id": message_id} for message_id, _ in rows],
+            )
+        )
+
+    def _dead_letter(
+        self,
+        part: Sequence[QueuedEvent],
+        reason: str,
+        status: int | None,
+        response: str | None = None,
+    ) -> None:
         moved = self.queue.move_to_dead_letter(
-            [e.id for e in part], reason, status, source=part[0].source
+            [e.id for e in part], reason, status, source=part[0].source, response=response
         )
         self.stats.add("dead_lettered", moved)
         logger.error(
@@ -508,17 +619,18 @@ class Flusher:
         self.stats.add("failed_requests")
         self.stats.add("retried", len(part))
         if decision.counts_attempt:
+            # Counted even without a limit: `attempts` tells an operator how long it has failed.
             self.queue.add_attempt([e.id for e in part], source=part[0].source)
             limit = self.config.max_retries
             spent = [] if limit is None else [e for e in part if e.attempts + 1 > limit]
             if spent:
                 reason = f"max_retries_{decision.reason}"
-                self._dead_letter(spent, reason, status)
+                self._dead_letter(spent, reason, status, self._last_response)
         message = f"delivery failed ({decision.reason}: {self._last_failure}); will retry"
         self._log_failure(message)
         self.stats.record_error(message)
         self._back_off(retry_after)
-        self.report(RetryableDeliveryError(message, events=_decode(part), status_code=status))
+        self.report(self._failure_class(message, events=_decode(part), status_code=status))
 
     def _back_off(self, retry_after: float | None) -> None:
         self._failures += 1
@@ -552,6 +664,44 @@ class Flusher:
         self._backoff_until = 0.0
 
     _last_failure: str = ""
+    _last_response: str | None = None
+    _failure_class: type[DeliveryError] = RetryableDeliveryError
+
+
+class _PayloadsRefused(Exception):
+    """Stored events the transport can't put on the wire, by reason (see `_refused_payloads`)."""
+
+    def __init__(self, by_reason: dict[str, list[QueuedEvent]]) -> None:
+        super().__init__(", ".join(by_reason))
+        self.by_reason = by_reason
+
+
+def _payload_problem(payload: str, protocol: object) -> str | None:
+    """Why one stored payload can't be sent, or None when it can."""
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return "invalid_payload: not JSON"
+    if not isinstance(value, dict):
+        return "invalid_payload: not a JSON object"
+    if protocol == "segment":
+        try:
+            to_segment(value)
+        except Exception as exc:  # noqa: BLE001 - whatever the conversion trips on
+            return f"invalid_payload: not convertible to segment ({type(exc).__name__})"
+    return None
+
+
+def _refused_payloads(
+    part: Sequence[QueuedEvent], protocol: object
+) -> dict[str, list[QueuedEvent]]:
+    """The events of ``part`` that can't be sent, grouped by reason (empty: none)."""
+    refused: dict[str, list[QueuedEvent]] = {}
+    for event in part:
+        problem = _payload_problem(event.payload, protocol)
+        if problem is not None:
+            refused.setdefault(problem, []).append(event)
+    return refused
 
 
 def _header(headers: Any, name: str) -> str | None:

@@ -92,7 +92,14 @@ def m002_writer_counts(db: sqlite_utils.Database) -> None:
     db.execute("PRAGMA user_version = 2")
 
 
-SCHEMA_VERSION = 2
+@migrations()
+def m003_dead_letter_response(db: sqlite_utils.Database) -> None:
+    """dead_letter.response: the start of the server's answer, so an operator can see why."""
+    db.execute("ALTER TABLE dead_letter ADD COLUMN response TEXT")
+    db.execute("PRAGMA user_version = 3")
+
+
+SCHEMA_VERSION = 3
 
 
 def check_version(conn: sqlite3.Connection, path: str) -> int:

@@ -62,6 +62,12 @@ SELECT_BATCH: Final = (
     "SELECT id, message_id, attempts, payload, length(CAST(payload AS BLOB)) "
     "FROM events ORDER BY id LIMIT ?"
 )
+# The same rows as bytes, decoded row by row in Python: for when one stored row is not valid
+# UTF-8 and sqlite3 refuses the whole result ("Could not decode to UTF-8").
+SELECT_BATCH_BYTES: Final = (
+    "SELECT id, CAST(message_id AS BLOB), attempts, CAST(payload AS BLOB), "
+    "length(CAST(payload AS BLOB)) FROM events ORDER BY id LIMIT ?"
+)
 # Room for the request's own fields around the events ({"events":[...],"batch_id":...}).
 _ENVELOPE_BYTES: Final = 128
 # One prepared statement whatever the number of ids: the ids travel as a JSON array.
@@ -72,8 +78,8 @@ ADD_ATTEMPT: Final = (
 )
 MOVE_TO_DEAD_LETTER: Final = (
     "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
-    "payload, reason, status_code, failed_at) "
-    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, ?, ?, ? "
+    "payload, reason, status_code, failed_at, response) "
+    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, ?, ?, ?, ? "
     "FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
 )
 COUNT_DEAD_LETTERS: Final = "SELECT count(*) FROM dead_letter"
@@ -157,6 +163,8 @@ class DeadLetter:
     reason: str
     status_code: int | None
     failed_at: str
+    #: The start of the server's answer (first KiB, as text), None when there was none.
+    response: str | None = None
 
 
 def _acquire(lock: threading.Lock, deadline: float | None) -> bool:
@@ -349,18 +357,38 @@ class SQLiteQueue(QueueStorage):
 
     # --- the flusher's side ---------------------------------------------------------------
 
-    def read_batch(self, max_count: int, max_bytes: int) -> list[QueuedEvent]:
+    def read_batch(
+        self,
+        max_count: int,
+        max_bytes: int,
+        unreadable: list[tuple[str, str]] | None = None,
+    ) -> list[QueuedEvent]:
         """The oldest events, at most ``max_count`` and ``max_bytes`` of payload (at least one).
 
         Always reads from the head: remembering "the last id sent" goes wrong when another
         process or a split delivered rows out of that order.
+
+        A row whose payload is not valid UTF-8 can never be sent, and would fail every read of
+        the head: it is moved to ``dead_letter`` (reason ``unreadable_payload: invalid UTF-8``)
+        in the same call, and ``(message_id, reason)`` appended to ``unreadable``.
         """
         with self._flushing() as conn:
             source = self._reader_id
             try:
-                rows = conn.execute(SELECT_BATCH, (max_count,)).fetchall()
+                cursor = conn.execute(SELECT_BATCH, (max_count,))
+                rows: list[Any] | None
+                try:
+                    rows = cursor.fetchall()
+                except sqlite3.OperationalError as exc:
+                    if "decode" not in str(exc):
+                        raise
+                    # "Could not decode to UTF-8": a row that is not valid UTF-8 (below).
+                    cursor.close()  # ends the statement, and its read snapshot, now
+                    rows = None
             except sqlite3.DatabaseError as exc:
                 raise translate(exc, self.path) from exc
+        if rows is None:
+            return self._read_batch_bytes(max_count, max_bytes, unreadable)
         batch: list[QueuedEvent] = []
         size = _ENVELOPE_BYTES
         for row_id, message_id, attempts, payload, length in rows:
@@ -368,6 +396,38 @@ class SQLiteQueue(QueueStorage):
             if batch and size > max_bytes:
                 break
             batch.append(QueuedEvent(row_id, message_id, attempts, payload, source))
+        return batch
+
+    def _read_batch_bytes(
+        self, max_count: int, max_bytes: int, unreadable: list[tuple[str, str]] | None
+    ) -> list[QueuedEvent]:
+        """`read_batch` for a head holding invalid UTF-8: rows read as bytes, decoded one by one."""
+        with self._flushing() as conn:
+            source = self._reader_id
+            try:
+                rows = conn.execute(SELECT_BATCH_BYTES, (max_count,)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise translate(exc, self.path) from exc
+        batch: list[QueuedEvent] = []
+        bad: list[tuple[int, str]] = []
+        size = _ENVELOPE_BYTES
+        for row_id, raw_id, attempts, raw_payload, length in rows:
+            message_id = bytes(raw_id).decode("utf-8", errors="replace")
+            try:
+                payload = bytes(raw_payload).decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append((row_id, message_id))
+                continue
+            size += length + 1
+            if batch and size > max_bytes:
+                break
+            batch.append(QueuedEvent(row_id, message_id, attempts, payload, source))
+        if bad:
+            reason = "unreadable_payload: invalid UTF-8"
+            # INSERT ... SELECT copies the bytes inside SQLite: nothing decodes them on the way.
+            moved = self.move_to_dead_letter([i for i, _ in bad], reason, None, source=source)
+            if moved and unreadable is not None:
+                unreadable.extend((message_id, reason) for _, message_id in bad)
         return batch
 
     def delete(self, ids: Sequence[int], *, source: FileId | None = None) -> int:
@@ -399,15 +459,20 @@ class SQLiteQueue(QueueStorage):
         status_code: int | None,
         *,
         source: FileId | None = None,
+        response: str | None = None,
     ) -> int:
-        """Move events the server refused into ``dead_letter``, in one transaction."""
+        """Move events the server refused into ``dead_letter``, in one transaction.
+
+        ``response``: the start of the server's answer, kept so an operator can see why.
+        """
         ids_json = _ids_json(ids)
         with self._flushing() as conn:
             if self._moved(source):
                 return 0
             with self._write_transaction(conn):
                 conn.execute(
-                    MOVE_TO_DEAD_LETTER, (reason, status_code, format_timestamp(), ids_json)
+                    MOVE_TO_DEAD_LETTER,
+                    (reason, status_code, format_timestamp(), response, ids_json),
                 )
                 return conn.execute(DELETE_IDS, (ids_json,)).rowcount
 

@@ -4,11 +4,12 @@
 answer                                 action             the events
 =====================================  =================  ==========================================
 2xx                                    ``DELIVERED``      deleted
-connection error, DNS, refused         ``RETRY``          stay on disk; not counted against
-                                                          ``max_retries`` (server never saw it)
-timeout, 408, 429, 5xx                 ``RETRY``          stay; 408/5xx/timeouts count an attempt,
-                                                          and after ``max_retries`` attempts the
-                                                          batch goes to ``dead_letter``
+connection error, DNS, refused,        ``RETRY``          stay on disk; not counted against
+a transport's own exception                               ``max_retries`` (server never saw it)
+timeout, 408, 429, 5xx                 ``RETRY``          stay; 408/5xx/timeouts count an attempt;
+                                                          retried until delivered (default), or,
+                                                          with an integer ``max_retries``, moved
+                                                          to ``dead_letter`` after that many
 413                                    ``SPLIT``          halved and retried; a single event that is
                                                           still refused goes to ``dead_letter``
 400, 422                               ``SPLIT``          bisected so one poison event cannot take
@@ -19,6 +20,9 @@ timeout, 408, 429, 5xx                 ``RETRY``          stay; 408/5xx/timeouts
                                                           not travel to another host); reported
 other 4xx                              ``DEAD_LETTER``    moved to ``dead_letter`` with the status
 =====================================  =================  ==========================================
+
+The wait between retries is full-jitter exponential backoff capped at ``retry_max_delay``
+(60 s by default); a server's ``Retry-After`` is honoured up to 300 s.
 """
 
 from __future__ import annotations

@@ -12,15 +12,20 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from durable_analytics.collector import Collector
-from durable_analytics.errors import DurableAnalyticsError
-from durable_analytics.transport import MAX_RESPONSE_BYTES, HTTPTransport, SendFailed
+from durable_analytics.errors import DurableAnalyticsError, TransportError
+from durable_analytics.transport import (
+    MAX_RESPONSE_BYTES,
+    HTTPTransport,
+    SendFailed,
+    TransportResponse,
+)
 
 PAYLOAD = [json.dumps({"event": "e", "event_id": "id-1", "properties": {}})]
 
@@ -340,3 +345,51 @@ def test_the_write_key_appears_in_no_error_log_or_file(
         for path in directory.rglob("*"):
             if path.is_file():
                 assert key.encode() not in path.read_bytes(), path
+
+
+class ExplodingTransport:
+    """A custom transport whose send raises its own exception (not SendFailed)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.broken = True
+
+    def send(self, payloads: Sequence[str]) -> TransportResponse:
+        self.calls += 1
+        if self.broken:
+            raise RuntimeError("transport bug")
+        return TransportResponse(200)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_transport_raising_its_own_exception_is_a_network_failure(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any exception from a transport's send is retried like a network failure: events kept,
+    counted, reported as TransportError, one WARNING per failure streak (no traceback spam)."""
+    transport = ExplodingTransport()
+    heard: list[DurableAnalyticsError] = []
+    client = make_client(transport=transport, on_error=heard.append, max_retries=1)
+    mid = client.track("u", "e")
+    with caplog.at_level(logging.DEBUG, logger="durable_analytics"):
+        assert client.flush(timeout=0.05) is False
+        deadline = time.monotonic() + 30
+        while transport.calls < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert transport.calls >= 10
+        assert client.queue_depth() == 1  # never dead-lettered: it's not the events' fault
+        stats = client.stats()
+        assert stats["failed_requests"] >= 10 and stats["dead_lettered"] == 0
+        assert "RuntimeError: transport bug" in str(stats["last_error"])
+        assert heard and all(isinstance(e, TransportError) for e in heard)
+        assert heard[0].events[0]["event_id"] == mid
+        transport.broken = False
+        assert client.flush(timeout=10)
+    warnings = [
+        r for r in caplog.records if r.name == "durable_analytics" and r.levelno >= logging.WARNING
+    ]
+    assert len([r for r in warnings if "transport bug" in r.getMessage()]) == 1
+    assert all(r.exc_info is None for r in warnings)
+    assert client.stats()["delivered"] == 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import json
 import logging
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from base64 import b64decode
@@ -428,3 +431,204 @@ def test_event_methods_after_shutdown_raise_closed_error_and_write_nothing(
     with sqlite3.connect(queue_dir / "queue.db") as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
     assert client.stats()["enqueued"] == 1
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes (a deadline, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def pending_attempts(client: Analytics) -> list[int]:
+    with sqlite3.connect(client.queue_path) as conn:
+        return [row[0] for row in conn.execute("SELECT attempts FROM events ORDER BY id")]
+
+
+def test_retryable_failures_are_retried_without_limit_by_default(
+    make_client: Any, collector: Collector
+) -> None:
+    """Default max_retries=None: a 503 outage far longer than the old limit (10) dead-letters
+    nothing; each failure still counts an attempt; after recovery every event is delivered."""
+    client = make_client(base_url=collector.url)
+    assert client.config.max_retries is None
+    collector.respond_with(503, times=None)
+    ids = [client.track("u", "e", {"n": n}) for n in range(5)]
+    assert client.flush(timeout=0.05) is False  # starts the retries
+    assert wait_for(lambda: min(pending_attempts(client), default=0) >= 15)
+    assert dead_letters(client) == []
+    collector.reset_responses()
+    assert client.flush(timeout=10)
+    assert collector.message_ids() == ids
+    stats = client.stats()
+    assert stats["dead_lettered"] == 0 and stats["delivered"] == 5
+    assert stats["retried"] >= 15 * 5
+    assert dead_letters(client) == []
+
+
+def test_a_stored_row_that_is_not_utf8_is_dead_lettered_and_the_rest_flow(
+    make_client: Any, collector: Collector
+) -> None:
+    """One payload with an invalid UTF-8 byte: moved to dead_letter with a reason, counted and
+    reported; the 29 healthy events around it are delivered (it used to stall every read)."""
+    writer = make_client(send=False)
+    ids = [writer.track("u", "e", {"n": n}) for n in range(30)]
+    writer.shutdown()
+    bad = ids[4]
+    with sqlite3.connect(writer.queue_path) as conn:
+        conn.execute(
+            "UPDATE events SET payload = CAST(X'7B226576656E74223A22FF227D' AS TEXT) "
+            "WHERE message_id = ?",
+            (bad,),
+        )
+    heard: list[DurableAnalyticsError] = []
+    client = make_client(base_url=collector.url, on_error=heard.append)
+    assert client.flush(timeout=10)
+    good = [i for i in ids if i != bad]
+    assert collector.message_ids() == good
+    assert dead_letters(client) == [(bad, "unreadable_payload: invalid UTF-8", None)]
+    with sqlite3.connect(client.queue_path) as conn:
+        (raw,) = conn.execute("SELECT CAST(payload AS BLOB) FROM dead_letter").fetchone()
+    assert raw == b'{"event":"\xff"}'  # the bytes as they were, for an operator to look at
+    stats = client.stats()
+    assert stats["dead_lettered"] == 1 and stats["delivered"] == 29
+    assert [type(e) for e in heard] == [RejectedError]
+    assert heard[0].events == ({"event_id": bad},)
+    assert client.queue_depth() == 0
+
+
+def test_segment_payloads_that_are_not_json_objects_are_dead_lettered(
+    make_client: Any, collector: Collector
+) -> None:
+    """protocol=segment: stored payloads that are a JSON array or a number can't be converted;
+    each goes to dead_letter with a reason and the rest of its batch is delivered."""
+    writer = make_client(send=False)
+    ids = [writer.track("u", "e", {"n": n}) for n in range(10)]
+    writer.shutdown()
+    with sqlite3.connect(writer.queue_path) as conn:
+        conn.execute("UPDATE events SET payload = '[1, 2]' WHERE message_id = ?", (ids[2],))
+        conn.execute("UPDATE events SET payload = '42' WHERE message_id = ?", (ids[7],))
+    client = make_client(base_url=collector.url, protocol="segment")
+    assert client.flush(timeout=10)
+    assert sorted(collector.message_ids()) == sorted(ids[:2] + ids[3:7] + ids[8:])
+    reason = "invalid_payload: not a JSON object"
+    assert dead_letters(client) == [(ids[2], reason, None), (ids[7], reason, None)]
+    assert client.stats()["dead_lettered"] == 2
+    assert client.queue_depth() == 0
+
+
+def test_dead_letters_keep_the_start_of_the_servers_answer(
+    make_client: Any, collector: Collector
+) -> None:
+    """A refused event's dead_letter row keeps the response body (the first KiB, as text)."""
+    client = make_client(base_url=collector.url)
+    refused = client.track("u", "e")
+    collector.respond_with(400, body=b"bad field x" + b"." * 5000)
+    assert client.flush(timeout=10)
+    assert dead_letters(client) == [(refused, "rejected_400", 400)]
+    with sqlite3.connect(client.queue_path) as conn:
+        (response,) = conn.execute("SELECT response FROM dead_letter").fetchone()
+    assert response.startswith("bad field x") and len(response) == 1024
+
+
+def test_delivered_counts_only_rows_the_ack_deleted(make_client: Any, collector: Collector) -> None:
+    """Rows the cap trims while their batch is in flight are counted as dropped (queue_full)
+    only, not also as delivered: delivered + queue_full + depth == tracked, exactly."""
+    client = make_client(
+        base_url=collector.url, max_queue_size=30, max_batch_size=20, flush_threshold=1
+    )
+    collector.respond_with(202, delay=0.05, times=None)
+    tracked = 0
+    stop = threading.Event()
+
+    def keep_tracking() -> None:
+        nonlocal tracked
+        while not stop.is_set():
+            client.track("u", "e")
+            tracked += 1
+
+    writer = threading.Thread(target=keep_tracking, daemon=True)
+    writer.start()
+    try:
+        assert collector.wait_for_requests(10, timeout=30)
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+        collector.reset_responses()
+    assert client.flush(timeout=10)
+    stats = client.stats()
+    assert stats["dropped"]["queue_full"] > 0  # the cap did trim while batches were in flight
+    assert stats["delivered"] + stats["dropped"]["queue_full"] + client.queue_depth() == tracked
+    assert stats["delivered"] <= len(collector.message_ids())
+
+
+_SHUTDOWN_WORKER = """
+import json, sys
+from durable_analytics import Analytics
+
+queue_dir, base_url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+client = Analytics(
+    app_id="shutdown-app", persistence_dir=queue_dir, base_url=base_url, handle_signals=False,
+    flush_interval=60, max_batch_size=50, shutdown_timeout=1.0,
+)
+ids = [client.track("u", "e", {"n": n}) for n in range(count)]
+client.shutdown()
+print(json.dumps(ids))
+"""
+
+
+def test_clean_shutdowns_against_a_slow_server_send_no_batch_twice(
+    collector: Collector, queue_dir: Path, tmp_path: Path
+) -> None:
+    """Processes that track and shut down cleanly against a 0.3 s server, then exit: no batch
+    is left in flight at exit, so the next process sends nothing the server already has."""
+    worker = tmp_path / "shutdown_worker.py"
+    worker.write_text(_SHUTDOWN_WORKER)
+    collector.respond_with(202, delay=0.3, times=None)
+    tracked: list[str] = []
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(worker), str(queue_dir), collector.url, "400"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        tracked += json.loads(done.stdout)
+    collector.reset_responses()
+    with Analytics(
+        app_id="shutdown-app",
+        persistence_dir=queue_dir,
+        base_url=collector.url,
+        handle_signals=False,
+        flush_interval=60,
+    ) as last:
+        assert last.flush(timeout=30)
+    seen = collector.message_ids()
+    duplicates = [i for i, n in collections.Counter(seen).items() if n > 1]
+    assert duplicates == []
+    assert sorted(seen) == sorted(tracked)  # str ids: every one, once
+
+
+def test_a_queue_from_before_the_response_column_is_upgraded(
+    make_client: Any, collector: Collector
+) -> None:
+    """A file at schema version 2 (no dead_letter.response) gets the column when opened, keeps
+    its events, and its dead letters then keep the server's answer."""
+    old = make_client(send=False)
+    refused = old.track("u", "e")
+    old.shutdown()
+    with sqlite3.connect(old.queue_path) as conn:
+        conn.execute("ALTER TABLE dead_letter DROP COLUMN response")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm003_dead_letter_response'")
+        conn.execute("PRAGMA user_version = 2")
+    collector.respond_with(404, body="no such ingest")
+    client = make_client(base_url=collector.url)
+    assert client.flush(timeout=10)
+    with sqlite3.connect(client.queue_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        rows = conn.execute("SELECT message_id, status_code, response FROM dead_letter").fetchall()
+    assert rows == [(refused, 404, "no such ingest")]

@@ -6,6 +6,8 @@ import email.utils
 
 import pytest
 
+from durable_analytics.config import Config
+from durable_analytics.flusher import MAX_RETRY_AFTER
 from durable_analytics.retry import Action, backoff_delay, classify, parse_retry_after
 
 
@@ -60,3 +62,14 @@ def test_retry_after_seconds_date_garbage_and_cap() -> None:
     assert parse_retry_after("soon", cap=60) is None
     assert parse_retry_after("nan", cap=60) is None
     assert parse_retry_after(None, cap=60) is None
+
+
+def test_defaults_retry_forever_with_capped_waits() -> None:
+    """By default retryable failures have no attempt limit, our backoff tops out at 60 s and a
+    server's Retry-After is honoured up to 300 s, never longer."""
+    config = Config(app_id="retry-app")
+    assert config.max_retries is None
+    assert config.retry_max_delay == 60
+    assert backoff_delay(1000, config.retry_base_delay, config.retry_max_delay, lambda: 1.0) == 60
+    assert MAX_RETRY_AFTER == 300
+    assert parse_retry_after("86400", cap=MAX_RETRY_AFTER) == 300
