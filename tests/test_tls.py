@@ -1,9 +1,10 @@
-"""HTTPS: certificates are verified (RELIABILITY H5), with requests' trust store.
+"""HTTPS: certificates are verified (RELIABILITY H5), against certifi's bundle by default.
 
 A real TLS server on 127.0.0.1 with certificates from a throwaway CA (``trustme``). A publicly
 trusted certificate for 127.0.0.1 can't be made here, so the tests that need our transport to
-trust the throwaway CA point ``DEFAULT_CA_BUNDLE_PATH`` at it; the refusal test uses the real
-bundle, which has never heard of that CA.
+trust the throwaway CA point ``REQUESTS_CA_BUNDLE`` at it (which the client honours too); the
+refusal test uses certifi's bundle, which has never heard of that CA. test_network.py tests
+``ca_bundle`` and the other ways of naming a CA.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import pytest
 import trustme
 
-from durable_analytics import transport as transport_module
 from durable_analytics.transport import HTTPTransport, SendFailed
 
 PAYLOAD = ['{"event":"e","event_id":"00000000-0000-4000-8000-000000000001"}']
@@ -63,6 +63,16 @@ class _TLSServer:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _no_ca_or_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's CA and proxy settings don't decide what these tests see."""
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -85,7 +95,7 @@ def server_for_loopback(ca: trustme.CA) -> Iterator[_TLSServer]:
 def trusting_ca(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setattr(transport_module, "DEFAULT_CA_BUNDLE_PATH", str(bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
 
 
 def test_a_certificate_from_an_unknown_authority_is_refused_before_anything_is_sent(
