@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip as gzip_module
-import http.client
 import json
 import logging
 import os
@@ -486,12 +485,14 @@ class HTTPTransport:
             self._headers["Content-Encoding"] = "gzip"
         secrets: set[str] = set()
         if write_key is not None:
+            # The key in every form it travels in (the Bearer header holds it verbatim).
+            secrets |= _secret_forms(write_key)
             if protocol == "segment":
                 token = base64.b64encode(f"{write_key}:".encode()).decode("ascii")
                 self._headers["Authorization"] = f"Basic {token}"
+                secrets |= _secret_forms(token)
             else:
                 self._headers["Authorization"] = f"Bearer {write_key}"
-            secrets |= _secret_forms(write_key) | _secret_forms(self._headers["Authorization"])
         parsed = parse_url(self.url)
         self._scheme = parsed.scheme or "http"
         self._host = parsed.host or ""
@@ -594,7 +595,9 @@ class HTTPTransport:
                     preload_content=False,
                     decode_content=False,
                 )
-            except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a redacted SendFailed
+                # Not only urllib3's and the socket's errors: http.client refuses a header
+                # with a stray newline with a ValueError that quotes the header, key and all.
                 failure = self._failure(exc, in_flight.fired)
             else:
                 try:
