@@ -611,6 +611,13 @@ class HTTPTransport:
                     # A body read to its end has already given the connection back for the
                     # next batch; one left unread (too long, or cut) closes it here instead.
                     response.close()
+                if response.status == 407 and self._proxy is not None:
+                    # The proxy's answer, not the ingest's: a 4xx would dead-letter events
+                    # the ingest never saw. Kept and retried like any network failure.
+                    failure = SendFailed(
+                        "the proxy refused its credentials (HTTP 407 Proxy Authentication "
+                        f"Required): {self._proxy.shown}"
+                    )
         if logger.isEnabledFor(logging.DEBUG):
             outcome = f"{failure}" if failure else f"HTTP {response.status}"
             logger.debug(
