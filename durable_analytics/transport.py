@@ -412,13 +412,13 @@ def _resolve_ca_bundle(
     """
     if ca_bundle is not None:
         path = os.fspath(ca_bundle)
-        source = "ca_bundle"
+        source = ""
     else:
         name = next((n for n in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE") if os.environ.get(n)), "")
         if not name:
             return certifi.where(), None
         path = os.environ[name]
-        source = name
+        source = f"{name}="
         if not needed:
             return path, None
     if os.path.isdir(path):
@@ -426,7 +426,7 @@ def _resolve_ca_bundle(
         return None, path
     if not os.path.isfile(path):
         raise ConfigurationError(
-            "ca_bundle", f"{source}={path!r}: no such CA bundle file or certificate directory"
+            "ca_bundle", f"{source}{path!r}: no such CA bundle file or certificate directory"
         )
     return path, None
 
