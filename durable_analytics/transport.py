@@ -375,9 +375,13 @@ def _resolve_proxy(url: str, proxy: str | Literal[False] | None) -> _Proxy | Non
         )
     if not found:
         raise ConfigurationError("proxy", "is empty (pass False to connect directly)")
-    # "proxy.corp:3128" means http://, as in requests.
-    with_scheme: str = requests.utils.prepend_scheme_if_needed(found, "http")  # type: ignore[no-untyped-call]
-    parsed = parse_url(with_scheme)
+    try:
+        # "proxy.corp:3128" means http://, as in requests.
+        with_scheme: str = requests.utils.prepend_scheme_if_needed(found, "http")  # type: ignore[no-untyped-call]
+        parsed = parse_url(with_scheme)
+    except ValueError:
+        # Not the parser's message: it quotes the URL, password and all.
+        raise ConfigurationError("proxy", f"the proxy URL ({source}) cannot be parsed") from None
     shown = parsed._replace(auth="***" if parsed.auth else None).url
     if parsed.scheme not in _PROXY_SCHEMES or not parsed.host:
         raise ConfigurationError(
