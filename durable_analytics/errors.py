@@ -18,6 +18,7 @@
     │   └── StorageUnavailableError          disk full, read-only, locked too long
     │       └── StorageBusyError             locked by another connection past busy_timeout
     └── DeliveryError                        a batch could not be delivered (listeners only)
+        ├── TransportError                   no HTTP answer: refused, DNS, TLS, proxy, timeout
         ├── RetryableDeliveryError           network error, timeout, 408, 429, 5xx
         ├── TransportError                   the transport's send raised; retried as a network error
         ├── AuthenticationError              401/403: events kept on disk
@@ -194,6 +195,26 @@ class DeliveryError(DurableAnalyticsError):
         super().__init__(message, events=events)
         #: The HTTP status the server answered, or None for a network error.
         self.status_code = status_code
+
+
+class TransportError(DeliveryError):
+    """A transport got no HTTP answer: refused, reset, DNS, TLS, proxy or timeout.
+
+    Raised by a `Transport`'s ``send`` (`HTTPTransport` raises its subclass ``SendFailed``);
+    the flusher treats it as a network failure: the events stay on disk and are retried. Its
+    message never holds a credential (write key, proxy password): the transport redacts them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        events: Sequence[dict[str, Any]] = (),
+        timed_out: bool = False,
+    ) -> None:
+        super().__init__(message, events=events)
+        #: True when the request ran out of time (the server may have seen the batch).
+        self.timed_out = timed_out
 
 
 class RetryableDeliveryError(DeliveryError):

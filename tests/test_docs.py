@@ -46,6 +46,7 @@ OWN_PAGES = (
     "operations.md",
     "wire-formats.md",
     "cli.md",
+    "network.md",
     "changelog.md",
 )
 NORUN = "<!-- norun -->"
