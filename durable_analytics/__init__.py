@@ -34,6 +34,7 @@ from .errors import (
     DeliveryError,
     DurableAnalyticsError,
     StorageError,
+    TransportError,
     ValidationError,
 )
 from .stats import DroppedCounts, StatsSnapshot
@@ -53,6 +54,7 @@ __all__ = [
     "InMemoryTransport",
     "StatsSnapshot",
     "StorageError",
+    "TransportError",
     "Transport",
     "TransportResponse",
     "ValidationError",

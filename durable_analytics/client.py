@@ -229,6 +229,8 @@ class Analytics:
             write_key=config.write_key,
             timeout=config.request_timeout,
             gzip=config.use_gzip,
+            proxy=config.proxy if config.proxy is not True else None,
+            ca_bundle=config.ca_bundle,
         )
         self._flusher = Flusher(
             self._queue,

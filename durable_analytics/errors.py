@@ -18,9 +18,9 @@
     │   └── StorageUnavailableError          disk full, read-only, locked too long
     │       └── StorageBusyError             locked by another connection past busy_timeout
     └── DeliveryError                        a batch could not be delivered (listeners only)
-        ├── TransportError                   no HTTP answer: refused, DNS, TLS, proxy, timeout
+        ├── TransportError                   no HTTP answer (refused, DNS, TLS, proxy, timeout),
+        │                                    or a custom transport's send raised: retried
         ├── RetryableDeliveryError           network error, timeout, 408, 429, 5xx
-        ├── TransportError                   the transport's send raised; retried as a network error
         ├── AuthenticationError              401/403: events kept on disk
         └── RejectedError                    other 4xx: events moved to dead_letter
 
@@ -201,8 +201,10 @@ class TransportError(DeliveryError):
     """A transport got no HTTP answer: refused, reset, DNS, TLS, proxy or timeout.
 
     Raised by a `Transport`'s ``send`` (`HTTPTransport` raises its subclass ``SendFailed``);
-    the flusher treats it as a network failure: the events stay on disk and are retried. Its
-    message never holds a credential (write key, proxy password): the transport redacts them.
+    the flusher treats it as a network failure: the events stay on disk and are retried. Any
+    other exception a custom transport's ``send`` raises is reported to listeners as a
+    TransportError too. Its message never holds a credential (write key, proxy password): the
+    transport redacts them.
     """
 
     def __init__(
@@ -223,11 +225,6 @@ class RetryableDeliveryError(DeliveryError):
 
 class AuthenticationError(DeliveryError):
     """The server refused the credentials (401/403); the events stay on disk."""
-
-
-class TransportError(DeliveryError):
-    """The transport's ``send`` raised something other than `SendFailed` (a custom transport's
-    own exception); treated as a network failure: the events stay on disk and are retried."""
 
 
 class RejectedError(DeliveryError):

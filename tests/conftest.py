@@ -13,11 +13,16 @@ from durable_analytics import Analytics
 from durable_analytics.collector import Collector
 
 
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees our DURABLE_ANALYTICS_* settings from the machine it runs on."""
+    """No test sees our DURABLE_ANALYTICS_* settings or a proxy from the machine it runs on."""
     for name in list(os.environ):
-        if name.startswith("DURABLE_ANALYTICS_"):
+        # Proxy variables too: the client honours them like requests does, and a machine
+        # with an egress proxy would otherwise send the tests' loopback traffic through it.
+        if name.startswith("DURABLE_ANALYTICS_") or name.lower() in _PROXY_VARIABLES:
             monkeypatch.delenv(name)
 
 

@@ -443,3 +443,43 @@ def test_the_total_deadline_cuts_a_proxy_that_drips_its_connect_answer(
     assert caught.value.timed_out
     assert "deadline" in str(caught.value)
     transport.close()
+
+
+def test_analytics_options_reach_the_transport(
+    proxy: ProxyServer, tls_server: TLSServer, ca_file: str, tmp_path: Path
+) -> None:
+    """Analytics(proxy=..., ca_bundle=...) are the transport's options: a client behind an
+    egress proxy, trusting a corporate CA, delivers over a CONNECT tunnel."""
+    from durable_analytics import Analytics
+
+    with Analytics(
+        app_id="proxied",
+        persistence_dir=tmp_path / "q",
+        base_url=tls_server.url,
+        proxy=proxy.url,
+        ca_bundle=ca_file,
+        handle_signals=False,
+    ) as client:
+        client.track("u1", "Signup")
+        assert client.flush(timeout=20)
+    assert tls_server.posts == 1
+    assert proxy.saw(f"CONNECT 127.0.0.1:{tls_server.port}")
+
+
+def test_analytics_reads_the_proxy_from_the_environment(
+    proxy: ProxyServer, collector: Collector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no proxy option, HTTP_PROXY is honoured by the client, like requests does (the
+    0.1 client ignored it and delivered nothing behind an egress proxy)."""
+    from durable_analytics import Analytics
+
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    with Analytics(
+        app_id="proxied",
+        persistence_dir=tmp_path / "q",
+        base_url=collector.url,
+        handle_signals=False,
+    ) as client:
+        client.track("u1", "Signup")
+        assert client.flush(timeout=20)
+    assert proxy.saw(f"POST 127.0.0.1:{collector.port}/events")
