@@ -93,7 +93,11 @@ SELECT_PENDING_BY_EVENT: Final = (
     "SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC, event LIMIT ?"
 )
 SELECT_DEAD_LETTERS_BY_REASON: Final = (
-    "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason ORDER BY n DESC, reason"
+    "SELECT reason, count(*) AS n FROM dead_letter WHERE id > ? "
+    "GROUP BY reason ORDER BY n DESC, reason"
+)
+SELECT_LAST_DEAD_LETTER_ID: Final = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'dead_letter'), 0)"
 )
 
 
@@ -214,9 +218,14 @@ class QueueReader:
         """The most frequent event names still pending, with their counts (a full scan)."""
         return [(row[0], int(row[1])) for row in self._query(SELECT_PENDING_BY_EVENT, (limit,))]
 
-    def dead_letters_by_reason(self) -> list[tuple[str, int]]:
-        """Dead letters counted by reason, most frequent first."""
-        return [(str(row[0]), int(row[1])) for row in self._query(SELECT_DEAD_LETTERS_BY_REASON)]
+    def last_dead_letter_id(self) -> int:
+        """The id of the newest dead letter ever made (0 if none): later ones have larger ids."""
+        return int(self._query(SELECT_LAST_DEAD_LETTER_ID)[0][0])
+
+    def dead_letters_by_reason(self, *, after_id: int = 0) -> list[tuple[str, int]]:
+        """Dead letters (with an id above ``after_id``) counted by reason, most frequent first."""
+        rows = self._query(SELECT_DEAD_LETTERS_BY_REASON, (after_id,))
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     def count(self, where: EventFilter, *, dead_letters: bool = False) -> int:
         """How many pending events (or dead letters) ``where`` selects (a scan)."""

@@ -850,3 +850,78 @@ def test_demo_json_result(tmp_path: Path) -> None:
     assert report["delivered"] == report["tracked"] + report["unreported"]
     assert len(report["worker_pids"]) == 2
     assert Path(report["queue_path"]).exists()
+
+
+# --- no command trims or drops (issue 10 items 1, 3, 14) ----------------------------------------
+
+
+def test_flush_ships_a_backlog_larger_than_the_default_cap(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """flush never trims: 25,000 events left by an app with a larger cap are all delivered.
+
+    The CLI opens the queue without a cap, whatever the default or the environment says
+    (DURABLE_ANALYTICS_MAX_QUEUE_SIZE=10 here), so nothing pending is deleted undelivered.
+    """
+    count = 25_000
+    with Analytics(
+        app_id=APP,
+        persistence_dir=queue_dir,
+        send=False,
+        handle_signals=False,
+        max_queue_size=100_000,
+    ) as app:
+        ids = [app.track(f"user-{i % 7}", "page_view", {"i": i}) for i in range(count)]
+
+    result = run(
+        "flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json",
+        env={"DURABLE_ANALYTICS_MAX_QUEUE_SIZE": "10"},
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["pending_at_start"], report["remaining"]) == (count, 0)
+    assert (report["delivered"], report["dead_lettered"]) == (count, 0)
+    assert set(collector.message_ids()) == set(ids)
+    with open_reader(queue_dir) as reader:
+        assert (reader.depth(), reader.dead_letter_count()) == (0, 0)
+
+
+def test_flush_that_delivers_nothing_exits_1_and_says_why(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """Every batch answered 404 (a wrong path): flush dead-letters them and exits 1, naming why.
+
+    A command that delivered nothing it was asked to deliver must not report success.
+    """
+    fill(queue_dir, 30)
+    collector.respond_with(404, times=None)
+
+    result = run("flush", "--dir", str(queue_dir), "--base-url", collector.url)
+
+    assert result.exit_code == 1, result.output
+    assert "delivered 0 of 30 event(s)" in result.stderr
+    assert "30 refused by the server and moved to dead_letter (rejected_404: 30" in result.stderr
+    as_json = run("flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json")
+    assert as_json.exit_code == 0  # nothing pending any more: nothing asked, nothing failed
+    assert json.loads(as_json.stdout)["pending_at_start"] == 0
+
+
+def test_flush_json_counts_delivered_and_dead_lettered(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """Part refused: --json reports delivered vs dead-lettered by reason, and the exit is 1."""
+    fill(queue_dir, 10)
+    dead_letter(queue_dir, 2, "rejected_422", 422)  # earlier dead letters do not count
+    collector.respond_with(404, times=1)
+
+    result = run(
+        "flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json",
+        env={"DURABLE_ANALYTICS_MAX_BATCH_SIZE": "5"},
+    )  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert (report["delivered"], report["dead_lettered"], report["remaining"]) == (3, 5, 0)
+    assert report["dead_lettered_by_reason"] == {"rejected_404": 5}
+    assert "delivered 3 of 8 event(s); 5 refused" in result.stderr

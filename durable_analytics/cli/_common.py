@@ -45,6 +45,11 @@ EXIT_BUSY = 4
 EXIT_UNUSABLE = 5
 EXIT_INTERRUPTED = 130
 
+#: The max_queue_size of every client the CLI opens: no command trims or drops pending events.
+#: Config has no "no cap" value and its default (10,000) would trim a larger backlog at open,
+#: so the cap is one no queue can reach (row ids are signed 64-bit integers).
+NO_CAP = 2**63 - 1
+
 EVENT_TYPES = ("track", "screen", "page", "identify", "set_user_properties", "group", "alias")
 _PAGE = 1000
 
