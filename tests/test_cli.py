@@ -925,3 +925,77 @@ def test_flush_json_counts_delivered_and_dead_lettered(
     assert (report["delivered"], report["dead_lettered"], report["remaining"]) == (3, 5, 0)
     assert report["dead_lettered_by_reason"] == {"rejected_404": 5}
     assert "delivered 3 of 8 event(s); 5 refused" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["replay", "purge"])
+def test_dead_letters_reason_that_matches_nothing_exits_1_listing_the_reasons(
+    queue_dir: Path, command: str
+) -> None:
+    """replay/purge --reason <typo> change nothing, exit 1 and list the reasons present."""
+    fill(queue_dir, 5)
+    dead_letter(queue_dir, 2, "rejected_400", 400)
+    dead_letter(queue_dir, 1, "rejected_404", 404)
+    d = str(queue_dir)
+
+    for extra in ((), ("--dry-run",), ("--yes",) if command == "purge" else ("--json",)):
+        result = run("dead-letters", command, "--dir", d, "--reason", "nonsense", *extra)
+        assert result.exit_code == 1, (extra, result.output)
+        assert "no dead letter has reason 'nonsense'" in result.stderr
+        assert "reasons present: rejected_400 (2), rejected_404 (1)" in result.stderr
+    with open_reader(queue_dir) as reader:
+        assert (reader.dead_letter_count(), reader.depth()) == (3, 2)
+    listed = run("dead-letters", "list", "--dir", d, "--reason", "nonsense")
+    assert listed.exit_code == 0 and listed.stdout.strip() == "no dead letters match"
+    assert "reasons present: rejected_400 (2), rejected_404 (1)" in listed.stderr
+
+
+def test_dead_letters_replay_by_reason_on_a_queue_without_dead_letters(queue_dir: Path) -> None:
+    """With no dead letters at all, replay --reason says so and exits 1."""
+    fill(queue_dir, 1)
+    result = run("dead-letters", "replay", "--dir", str(queue_dir), "--reason", "rejected_400")
+    assert result.exit_code == 1
+    assert "there are no dead letters" in result.stderr
+
+
+def test_export_to_a_missing_directory_is_one_clear_line(tmp_path: Path, queue_dir: Path) -> None:
+    """export --out into a directory that does not exist: exit 2, one line naming the path."""
+    fill(queue_dir, 3)
+    out = tmp_path / "nonexistent" / "x.jsonl"
+
+    result = run("export", "--dir", str(queue_dir), "--out", str(out))
+
+    assert result.exit_code == 2
+    assert f"cannot create {out}: No such file or directory" in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.parent.exists()
+
+
+EXPORT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from durable_analytics.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+main(sys.argv[1:])
+"""
+
+
+def test_export_that_fails_part_way_leaves_nothing_half_written(
+    tmp_path: Path, queue_dir: Path
+) -> None:
+    """A write that fails mid-export (file size limit): exit 1, and --out is left as it was."""
+    fill(queue_dir, 1000)
+    out = tmp_path / "pending.jsonl"
+    out.write_text("earlier export\n")
+
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_UNDER_A_FILE_SIZE_LIMIT,
+         "export", "--dir", str(queue_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=DEADLINE, env=child_env(),
+    )  # fmt: skip
+
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: cannot write {out}: File too large; nothing written"
+    ]
+    assert out.read_text() == "earlier export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pending.jsonl", "queue"]

@@ -11,6 +11,7 @@ from ..queue import SQLiteQueue
 from ..reader import EventFilter
 from ._common import (
     _PAGE,
+    CLIError,
     QueueTarget,
     _can_ask,
     _echo_json,
@@ -59,6 +60,10 @@ def dead_letters_list(
                 )  # fmt: skip
             if shown == limit:
                 break
+        present = dict(reader.dead_letters_by_reason()) if not shown and where.reasons else {}
+    if present:
+        known = ", ".join(f"{reason} ({n})" for reason, n in present.items())
+        click.echo(f"reasons present: {known}", err=True)
     if as_json:
         return
     if not shown:
@@ -86,6 +91,8 @@ def _change_dead_letters(
         raise click.UsageError("choose dead letters with --reason, --id, ... or --all")
     with target.open(settings) as reader:
         total = reader.count(where, dead_letters=True)
+        if total == 0 and where.reasons:
+            _check_reasons(where.reasons, dict(reader.dead_letters_by_reason()))
         if change is None or total == 0:
             return total, 0
         confirm(total, reader.path)
@@ -108,6 +115,21 @@ def _change_dead_letters(
         finally:
             queue.close()
     return total, done
+
+
+def _check_reasons(asked: tuple[str, ...], present: dict[str, int]) -> None:
+    """A --reason that names no dead letter is a typo more often than not: say which exist.
+
+    :raises CLIError: some reason in ``asked`` names no dead letter.
+    """
+    unknown = [reason for reason in asked if reason not in present]
+    if not unknown:
+        return
+    known = ", ".join(f"{reason} ({n})" for reason, n in present.items())
+    raise CLIError(
+        f"no dead letter has reason {', '.join(map(repr, unknown))}; "
+        + (f"reasons present: {known}" if known else "there are no dead letters")
+    )
 
 
 _all_flag = click.option("--all", "select_all", is_flag=True, help="Every dead letter.")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -16,6 +17,7 @@ from ..queue import DeadLetter
 from ..reader import EventFilter, PendingEvent, QueueReader
 from ._common import (
     _PAGE,
+    CLIError,
     QueueTarget,
     _filter_options,
     _interactive,
@@ -147,10 +149,31 @@ def export(
 
 @contextlib.contextmanager
 def _output(out: Path | None) -> Iterator[TextIO]:
+    """stdout, or a new file that appears at ``out`` only once everything is written.
+
+    The file is written under a temporary name next to ``out`` (created 0600) and renamed
+    over it at the end, so a failed or interrupted export leaves nothing half-written, and a
+    file already at ``out`` stays as it was.
+
+    :raises click.BadParameter: ``out`` can't be created (no such directory, no permission).
+    :raises CLIError: writing failed part-way (disk full, ...); the partial file is removed.
+    """
     if out is None:
         yield sys.stdout
         sys.stdout.flush()
         return
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with open(fd, "w", encoding="utf-8") as stream:
-        yield stream
+    try:
+        fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot create {out}: {exc.strerror or exc}", param_hint="'--out'"
+        ) from None
+    try:
+        with open(fd, "w", encoding="utf-8") as stream:
+            yield stream
+        os.replace(partial, out)
+    except OSError as exc:
+        raise CLIError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
