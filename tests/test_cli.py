@@ -999,3 +999,111 @@ def test_export_that_fails_part_way_leaves_nothing_half_written(
     ]
     assert out.read_text() == "earlier export\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pending.jsonl", "queue"]
+
+
+BAD_PAYLOADS = {  # id: (SQL value, what the CLI says about it)
+    2: ("CAST(X'7B2261223A2262FF227D' AS TEXT)",  # {"a":"b\xff"}
+        "payload is not valid UTF-8 (byte 0xff at offset 7)"),
+    3: ("'not json'", "payload is not JSON (Expecting value at offset 0)"),
+    4: ("'[1, 2]'", "payload is JSON but not an object (an array)"),
+}  # fmt: skip
+
+
+def spoil_payloads(directory: Path, table: str = "events") -> None:
+    """Overwrite the payloads of rows 2-4 by hand, as a damaged disk or an operator might."""
+    conn = sqlite3.connect(directory / "queue.db")
+    try:
+        for row_id, (value, _) in BAD_PAYLOADS.items():
+            conn.execute(f"UPDATE {table} SET payload = {value} WHERE id = ?", (row_id,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_peek_reads_around_unreadable_payloads(queue_dir: Path) -> None:
+    """Invalid UTF-8, not JSON, not an object: peek shows every row (those marked), exit 0.
+
+    Each unreadable row is named on stderr with its id and why; the good rows are intact.
+    """
+    ids = fill(queue_dir, 6)
+    spoil_payloads(queue_dir)
+
+    result = run("peek", "--dir", str(queue_dir))
+
+    assert result.exit_code == 0, result.output
+    rows = json_lines(result.stdout)
+    assert [r["message_id"] for r in rows] == ids
+    for row in rows:
+        if row["id"] in BAD_PAYLOADS:
+            assert row["payload"] is None
+            assert row["unreadable"] == BAD_PAYLOADS[row["id"]][1]
+        else:
+            assert row["payload"]["event_id"] == row["message_id"]
+            assert "unreadable" not in row
+    assert rows[1]["stored_payload"] == '{"a":"b\ufffd"}'
+    assert result.stderr.splitlines() == [
+        f'warning: events row {i}: {why}; marked "unreadable" in the output'
+        for i, (_, why) in BAD_PAYLOADS.items()
+    ]
+    pretty = run("peek", "--dir", str(queue_dir), "--pretty", "--payload-only")
+    assert pretty.exit_code == 0
+    assert pretty.stdout.count('"event_id"') == 3
+    assert "left out (--payload-only)" in pretty.stderr
+
+
+def test_export_payload_only_leaves_out_unreadable_rows_and_exits_1(queue_dir: Path) -> None:
+    """export --payload-only writes every readable event, names the others, and exits 1."""
+    ids = fill(queue_dir, 6)
+    spoil_payloads(queue_dir)
+    out = queue_dir.parent / "events.jsonl"
+
+    result = run("export", "--dir", str(queue_dir), "--payload-only", "--out", str(out))
+
+    assert result.exit_code == 1
+    assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
+        ids[0], ids[4], ids[5]
+    ]  # fmt: skip
+    assert "warning: events row 2: payload is not valid UTF-8" in result.stderr
+    assert "exported 3 event(s)" in result.stderr
+    assert "Error: 3 unreadable row(s) left out" in result.stderr
+    full = run("export", "--dir", str(queue_dir))
+    assert full.exit_code == 0
+    assert [r["id"] for r in json_lines(full.stdout)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> None:
+    """Bad rows in dead_letter (where the flusher puts them) read as marked records too."""
+    fill(queue_dir, 6)
+    dead_letter(queue_dir, 6, "rejected_400", 400)
+    spoil_payloads(queue_dir, table="dead_letter")
+    d = str(queue_dir)
+
+    exported = run("export", "--dir", d, "--dead-letters")
+    listed = run("dead-letters", "list", "--dir", d, "--json")
+    table = run("dead-letters", "list", "--dir", d)
+    status = run("status", "--dir", d, "--json")
+
+    for result in (exported, listed):
+        assert result.exit_code == 0, result.output
+        rows = json_lines(result.stdout)
+        assert [r["unreadable"] for r in rows[1:4]] == [why for _, why in BAD_PAYLOADS.values()]
+        assert rows[0]["payload"]["type"] == "track"
+        assert "warning: dead_letter row 3: payload is not JSON" in result.stderr
+    assert table.exit_code == 0 and len(table.stdout.splitlines()) == 7
+    assert json.loads(status.stdout)["dead_letters_by_reason"] == {"rejected_400": 6}
+
+
+def test_text_columns_with_invalid_utf8_do_not_stop_a_listing(queue_dir: Path) -> None:
+    """A hand-written event name that is not UTF-8 shows as U+FFFD in status and peek."""
+    fill(queue_dir, 2)
+    conn = sqlite3.connect(queue_dir / "queue.db")
+    conn.execute("UPDATE events SET event = CAST(X'6261FF' AS TEXT) WHERE id = 1")
+    conn.commit()
+    conn.close()
+
+    status = run("status", "--dir", str(queue_dir), "--json")
+    peek = run("peek", "--dir", str(queue_dir))
+
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["pending_by_event"]["ba\ufffd"] == 1
+    assert peek.exit_code == 0 and json_lines(peek.stdout)[0]["event"] == "ba\ufffd"

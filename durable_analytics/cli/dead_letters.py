@@ -23,7 +23,7 @@ from ._common import (
     _queue_options,
     _Settings,
 )
-from .reading import _row_line
+from .reading import _row_line, _warn_unreadable
 
 
 @click.group("dead-letters", cls=_Group)
@@ -51,6 +51,8 @@ def dead_letters_list(
         for row in reader.iter_dead_letters(where, page_size=min(limit, _PAGE) or _PAGE):
             shown += 1
             if as_json:
+                if row.unreadable is not None:
+                    _warn_unreadable(row, left_out=False)
                 click.echo(_row_line(row, False))
             else:
                 status_code = "-" if row.status_code is None else str(row.status_code)
