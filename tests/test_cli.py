@@ -34,6 +34,8 @@ from durable_analytics.cli import _common as cli_common
 from durable_analytics.cli import cli
 from durable_analytics.cli import dead_letters as cli_dead_letters
 from durable_analytics.collector import Collector
+from durable_analytics.errors import ConfigurationError
+from durable_analytics.paths import state_dir
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.reader import open_reader
 
@@ -43,6 +45,14 @@ NAMES = ("page_view", "search", "signup")
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """platformdirs' state directory (XDG_STATE_HOME) in tmp_path: `queues` searches it."""
+    home = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home
 
 
 def fill(directory: Path, count: int, *, app_id: str = APP, **track: Any) -> list[str]:
@@ -239,6 +249,7 @@ def test_queues_searches_the_default_root_and_env_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --root, queues searches <tempdir>/layers-sdk and the env's PERSISTENCE_DIR."""
+    # (the state root is searched too: private_state_home keeps it empty here)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir(mode=0o700)
     with Analytics(app_id="in-default-root", send=False, handle_signals=False) as client:
@@ -1107,3 +1118,65 @@ def test_text_columns_with_invalid_utf8_do_not_stop_a_listing(queue_dir: Path) -
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["pending_by_event"]["ba\ufffd"] == 1
     assert peek.exit_code == 0 and json_lines(peek.stdout)[0]["event"] == "ba\ufffd"
+
+
+# --- a location that survives reboots (issue 11) ------------------------------------------------
+
+
+def test_state_dir_is_the_per_user_state_directory(private_state_home: Path) -> None:
+    """state_dir(app) is <XDG_STATE_HOME>/durable-analytics/<app>; it creates nothing and
+    refuses an app id that is not a name, naming app_id."""
+    assert state_dir("my-app") == private_state_home / "durable-analytics" / "my-app"
+    assert not private_state_home.exists()
+    for bad in ("../x", "", ".."):
+        with pytest.raises(ConfigurationError, match="app_id"):
+            state_dir(bad)
+
+
+def test_queues_searches_the_temp_root_and_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_state_home: Path
+) -> None:
+    """Without --root, queues lists the queues of both default roots: temp and state."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(mode=0o700)
+    fill(tmp_path / "tmp" / "layers-sdk" / "in-tmp", 1, app_id="in-tmp")
+    fill(state_dir("durable"), 2, app_id="durable")
+
+    result = run("queues", "--json")
+    table = run("queues")
+
+    assert result.exit_code == 0, result.output
+    found = {row["app_id"]: row["directory"] for row in json.loads(result.stdout)}
+    assert found == {
+        "in-tmp": str(tmp_path / "tmp" / "layers-sdk" / "in-tmp"),
+        "durable": str(private_state_home / "durable-analytics" / "durable"),
+    }
+    assert "in-tmp" in table.stdout and "durable" in table.stdout
+
+
+def test_queues_without_any_names_both_roots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_state_home: Path
+) -> None:
+    """With no queue anywhere, queues says which two roots it searched."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    result = run("queues")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == (
+        f"no queues under {tmp_path / 'tmp' / 'layers-sdk'} or "
+        f"{private_state_home / 'durable-analytics'}"
+    )
+
+
+def test_status_by_app_id_finds_a_queue_in_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--app-id falls back to state_dir(app) when the temp default holds no queue."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    fill(state_dir("durable"), 3, app_id="durable")
+
+    result = run("status", "--app-id", "durable", "--json")
+
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["directory"], info["depth"]) == (str(state_dir("durable")), 3)
+    assert run("status", "--app-id", "elsewhere").exit_code == 3
