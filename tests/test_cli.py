@@ -1180,3 +1180,28 @@ def test_status_by_app_id_finds_a_queue_in_the_state_dir(
     info = json.loads(result.stdout)
     assert (info["directory"], info["depth"]) == (str(state_dir("durable")), 3)
     assert run("status", "--app-id", "elsewhere").exit_code == 3
+
+
+def test_replaying_more_dead_letters_than_the_default_cap_keeps_them_all(
+    queue_dir: Path,
+) -> None:
+    """dead-letters replay never trims: 10,050 dead letters go back to the queue, all of them,
+    whatever max_queue_size the environment sets."""
+    count = 10_050
+    with Analytics(
+        app_id=APP, persistence_dir=queue_dir, send=False, handle_signals=False,
+        max_queue_size=20_000,
+    ) as app:  # fmt: skip
+        for i in range(count):
+            app.track("u", "page_view", {"i": i})
+    dead_letter(queue_dir, count, "rejected_400", 400)
+
+    result = run(
+        "dead-letters", "replay", "--dir", str(queue_dir), "--all", "--json",
+        env={"DURABLE_ANALYTICS_MAX_QUEUE_SIZE": "10"},
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["replayed"] == count
+    with open_reader(queue_dir) as reader:
+        assert (reader.depth(), reader.dead_letter_count()) == (count, 0)
