@@ -37,6 +37,7 @@ from .errors import (
     TransportError,
     ValidationError,
 )
+from .paths import state_dir
 from .stats import DroppedCounts, StatsSnapshot
 from .transport import HTTPTransport, InMemoryTransport, Transport, TransportResponse
 
@@ -54,8 +55,8 @@ __all__ = [
     "InMemoryTransport",
     "StatsSnapshot",
     "StorageError",
-    "TransportError",
     "Transport",
+    "TransportError",
     "TransportResponse",
     "ValidationError",
     "__version__",
@@ -72,6 +73,7 @@ __all__ = [
     "set_consent",
     "set_user_properties",
     "shutdown",
+    "state_dir",
     "track",
     "track_server_action",
     "track_server_page_view",

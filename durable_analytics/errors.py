@@ -213,8 +213,9 @@ class TransportError(DeliveryError):
         *,
         events: Sequence[dict[str, Any]] = (),
         timed_out: bool = False,
+        status_code: int | None = None,
     ) -> None:
-        super().__init__(message, events=events)
+        super().__init__(message, events=events, status_code=status_code)
         #: True when the request ran out of time (the server may have seen the batch).
         self.timed_out = timed_out
 

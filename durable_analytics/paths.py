@@ -32,8 +32,14 @@ import stat
 from pathlib import Path
 
 import filelock
+import platformdirs
 
-from .errors import NetworkFilesystemError, StorageUnavailableError, UnsafePathError
+from .errors import (
+    ConfigurationError,
+    NetworkFilesystemError,
+    StorageUnavailableError,
+    UnsafePathError,
+)
 
 __all__ = [
     "DB_NAME",
@@ -47,6 +53,8 @@ __all__ = [
     "file_size",
     "flush_lock",
     "network_filesystem",
+    "state_dir",
+    "state_root",
     "wal_size",
 ]
 
@@ -55,6 +63,9 @@ DB_NAME = "queue.db"
 FLUSH_LOCK_NAME = "flush.lock"
 #: Held briefly while a process creates, migrates or quarantines the database.
 INIT_LOCK_NAME = "init.lock"
+
+#: The directory name under the platform's per-user state directory (`state_root`).
+STATE_DIR_NAME = "durable-analytics"
 
 #: errno values that mean "the storage can't take writes now", not "the path is unsafe".
 _UNAVAILABLE_ERRNOS = frozenset(
@@ -90,6 +101,37 @@ NETWORK_FILESYSTEMS = frozenset(
 )
 
 _MOUNTS = "/proc/mounts"
+
+
+def state_root() -> Path:
+    """The per-user state directory that holds the `state_dir` of every app.
+
+    ``$XDG_STATE_HOME/durable-analytics`` (default ``~/.local/state/durable-analytics``) on
+    Linux, ``~/Library/Application Support/durable-analytics`` on macOS,
+    ``%LOCALAPPDATA%\\durable-analytics`` on Windows (platformdirs' ``user_state_path``).
+    """
+    return platformdirs.user_state_path(STATE_DIR_NAME, appauthor=False)
+
+
+def state_dir(app_id: str) -> Path:
+    """A queue directory for ``app_id`` that survives reboots: ``state_root() / app_id``.
+
+    The default ``persistence_dir`` is in the temp directory, which many systems empty at
+    boot (tmpfs, systemd-tmpfiles, ``PrivateTmp``); pass this one instead to keep unsent
+    events across a reboot::
+
+        Analytics(app_id="my-app", persistence_dir=durable_analytics.state_dir("my-app"))
+
+    Nothing is created here: the client creates the directory (mode 0700) when it opens the
+    queue. ``durable-analytics queues`` searches both the temp root and `state_root`.
+
+    :raises ConfigurationError: ``app_id`` is not a valid app id (``[A-Za-z0-9._-]{1,128}``).
+    """
+    from .config import APP_ID_RE  # config.py may come to import this module
+
+    if not isinstance(app_id, str) or not APP_ID_RE.fullmatch(app_id) or app_id in (".", ".."):
+        raise ConfigurationError("app_id", f"{app_id!r} must match [A-Za-z0-9._-]{{1,128}}")
+    return state_root() / app_id
 
 
 def _os_error(action: str, path: Path, exc: OSError) -> UnsafePathError | StorageUnavailableError:

@@ -6,6 +6,11 @@ being given our schema (`SQLiteQueue` would create or migrate it). Listings page
 table by id (keyset pagination), one short read transaction per page, so exporting a million
 events holds one page in memory and never keeps the WAL from being checkpointed.
 
+A row written by hand can hold anything: a listing never fails on one. Text columns are
+decoded leniently (invalid UTF-8 shown as U+FFFD), and each payload is checked to be a JSON
+object in valid UTF-8; one that is not comes back marked ``unreadable`` with why, and the rows
+around it are read as usual.
+
 Changing a queue (replaying or purging dead letters, flushing) is the library's job: the CLI
 opens a `SQLiteQueue` or an `Analytics` for that.
 """
@@ -41,6 +46,7 @@ __all__ = [
     "EventFilter",
     "PendingEvent",
     "QueueReader",
+    "StoredDeadLetter",
     "flush_lock_held",
     "open_reader",
     "queue_exists",
@@ -74,14 +80,18 @@ _EVENT_FILTERS: Final = (
 _DEAD_LETTER_FILTERS: Final = (
     _EVENT_FILTERS + " AND (:reasons IS NULL OR reason IN (SELECT value FROM json_each(:reasons)))"
 )
+# The payload as bytes: Python's sqlite3 fails the whole fetch on a TEXT value that is not
+# valid UTF-8, so each row's payload is decoded (and checked) on its own, in `check_payload`.
 SELECT_EVENTS_PAGE: Final = (
-    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, payload "
+    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, "
+    "CAST(payload AS BLOB) "
     "FROM events WHERE id > :after" + _EVENT_FILTERS + " ORDER BY id LIMIT :limit"
 )
 COUNT_EVENTS_MATCHING: Final = "SELECT count(*) FROM events WHERE id > 0" + _EVENT_FILTERS
 SELECT_DEAD_LETTERS_PAGE: Final = (
-    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
-    "status_code, failed_at FROM dead_letter WHERE id > :after"
+    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, "
+    "CAST(payload AS BLOB), reason, status_code, failed_at, {response} "
+    "FROM dead_letter WHERE id > :after"
     + _DEAD_LETTER_FILTERS
     + " ORDER BY id LIMIT :limit"
 )
@@ -93,7 +103,11 @@ SELECT_PENDING_BY_EVENT: Final = (
     "SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC, event LIMIT ?"
 )
 SELECT_DEAD_LETTERS_BY_REASON: Final = (
-    "SELECT reason, count(*) AS n FROM dead_letter GROUP BY reason ORDER BY n DESC, reason"
+    "SELECT reason, count(*) AS n FROM dead_letter WHERE id > ? "
+    "GROUP BY reason ORDER BY n DESC, reason"
+)
+SELECT_LAST_DEAD_LETTER_ID: Final = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'dead_letter'), 0)"
 )
 
 
@@ -108,7 +122,58 @@ class PendingEvent:
     distinct_id: str | None
     created_at: str
     attempts: int
+    #: The stored event as JSON text (as stored: never decoded and re-encoded).
     payload: str
+    #: Why ``payload`` is not a JSON object in valid UTF-8, or None when it is. For such a
+    #: row ``payload`` holds the stored bytes decoded leniently, for an operator to look at.
+    unreadable: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDeadLetter(DeadLetter):
+    """A row of ``dead_letter`` as the reader returns it: `DeadLetter` plus ``unreadable``."""
+
+    #: As `PendingEvent.unreadable`.
+    unreadable: str | None = None
+
+
+_JSON_TYPES: Final = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+                      int: "a number", float: "a number", type(None): "null"}  # fmt: skip
+
+
+def _columns(row: Sequence[Any]) -> tuple[int, str, str, str | None, str | None, str, int]:
+    """The columns every listing starts with: id ... attempts."""
+    return row[0], row[1], row[2], row[3], row[4], row[5], row[6]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_payload(stored: object) -> tuple[str, str | None]:
+    """A stored payload as text, and why it is not a JSON object in UTF-8 (None when it is).
+
+    ``stored`` is the column's value read as bytes (``CAST(payload AS BLOB)``); anything
+    else a hand-written row may hold is described too. The text of an unreadable payload has
+    invalid UTF-8 replaced by U+FFFD.
+    """
+    if not isinstance(stored, bytes):
+        return str(stored), f"payload is not JSON text (an SQL {type(stored).__name__})"
+    try:
+        text = stored.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return stored.decode("utf-8", "replace"), (
+            f"payload is not valid UTF-8 (byte 0x{stored[exc.start]:02x} at offset {exc.start})"
+        )
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        where = f" at offset {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return text, f"payload is not JSON ({why}{where})"
+    if not isinstance(value, dict):
+        return text, f"payload is JSON but not an object ({_JSON_TYPES.get(type(value), '?')})"
+    return text, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +279,14 @@ class QueueReader:
         """The most frequent event names still pending, with their counts (a full scan)."""
         return [(row[0], int(row[1])) for row in self._query(SELECT_PENDING_BY_EVENT, (limit,))]
 
-    def dead_letters_by_reason(self) -> list[tuple[str, int]]:
-        """Dead letters counted by reason, most frequent first."""
-        return [(str(row[0]), int(row[1])) for row in self._query(SELECT_DEAD_LETTERS_BY_REASON)]
+    def last_dead_letter_id(self) -> int:
+        """The id of the newest dead letter ever made (0 if none): later ones have larger ids."""
+        return int(self._query(SELECT_LAST_DEAD_LETTER_ID)[0][0])
+
+    def dead_letters_by_reason(self, *, after_id: int = 0) -> list[tuple[str, int]]:
+        """Dead letters (with an id above ``after_id``) counted by reason, most frequent first."""
+        rows = self._query(SELECT_DEAD_LETTERS_BY_REASON, (after_id,))
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     def count(self, where: EventFilter, *, dead_letters: bool = False) -> int:
         """How many pending events (or dead letters) ``where`` selects (a scan)."""
@@ -233,15 +303,29 @@ class QueueReader:
         """
         params = (where or EventFilter()).params(dead_letters=False)
         for row in self._pages(SELECT_EVENTS_PAGE, params, page_size):
-            yield PendingEvent(*row)
+            payload, unreadable = check_payload(row[7])
+            yield PendingEvent(*_columns(row), payload, unreadable)
 
     def iter_dead_letters(
         self, where: EventFilter | None = None, *, page_size: int = 1000
-    ) -> Iterator[DeadLetter]:
+    ) -> Iterator[StoredDeadLetter]:
         """Stream dead letters oldest first, ``page_size`` rows at a time."""
         params = (where or EventFilter()).params(dead_letters=True)
-        for row in self._pages(SELECT_DEAD_LETTERS_PAGE, params, page_size):
-            yield DeadLetter(*row)
+        # dead_letter.response came with schema step 3; the reader never migrates a file.
+        response = "response" if self.schema_version() >= 3 else "NULL"
+        sql = SELECT_DEAD_LETTERS_PAGE.format(response=response)
+        for row in self._pages(sql, params, page_size):
+            payload, unreadable = check_payload(row[7])
+            reason, status_code, failed_at, answer = row[8:]
+            yield StoredDeadLetter(
+                *_columns(row),
+                payload,
+                reason,
+                status_code,
+                failed_at,
+                response=answer,
+                unreadable=unreadable,
+            )
 
     def _pages(self, sql: str, params: dict[str, Any], page_size: int) -> Iterator[Any]:
         after = 0
@@ -304,6 +388,9 @@ def open_reader(
         )
     except sqlite3.DatabaseError as exc:
         raise translate(exc, db) from exc
+    # A hand-written row must not make a listing fail: text that is not UTF-8 reads as U+FFFD
+    # (payloads are read as bytes and checked one by one instead).
+    conn.text_factory = _lenient_text
     try:
         try:
             for pragma in INSPECT_PRAGMAS:
@@ -331,6 +418,10 @@ def open_reader(
         conn.close()
         raise
     return QueueReader(path, conn, meta)
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def flush_lock_held(directory: str | os.PathLike[str]) -> bool:

@@ -12,7 +12,6 @@ import pytest
 from durable_analytics import Analytics
 from durable_analytics.collector import Collector
 
-
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

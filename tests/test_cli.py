@@ -34,7 +34,9 @@ from durable_analytics.cli import _common as cli_common
 from durable_analytics.cli import cli
 from durable_analytics.cli import dead_letters as cli_dead_letters
 from durable_analytics.collector import Collector
+from durable_analytics.errors import ConfigurationError
 from durable_analytics.migrations import SCHEMA_VERSION
+from durable_analytics.paths import state_dir
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.reader import open_reader
 
@@ -44,6 +46,14 @@ NAMES = ("page_view", "search", "signup")
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """platformdirs' state directory (XDG_STATE_HOME) in tmp_path: `queues` searches it."""
+    home = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    return home
 
 
 def fill(directory: Path, count: int, *, app_id: str = APP, **track: Any) -> list[str]:
@@ -240,6 +250,7 @@ def test_queues_searches_the_default_root_and_env_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without --root, queues searches <tempdir>/layers-sdk and the env's PERSISTENCE_DIR."""
+    # (the state root is searched too: private_state_home keeps it empty here)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir(mode=0o700)
     with Analytics(app_id="in-default-root", send=False, handle_signals=False) as client:
@@ -851,3 +862,347 @@ def test_demo_json_result(tmp_path: Path) -> None:
     assert report["delivered"] == report["tracked"] + report["unreported"]
     assert len(report["worker_pids"]) == 2
     assert Path(report["queue_path"]).exists()
+
+
+# --- no command trims or drops (issue 10 items 1, 3, 14) ----------------------------------------
+
+
+def test_flush_ships_a_backlog_larger_than_the_default_cap(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """flush never trims: 25,000 events left by an app with a larger cap are all delivered.
+
+    The CLI opens the queue without a cap, whatever the default or the environment says
+    (DURABLE_ANALYTICS_MAX_QUEUE_SIZE=10 here), so nothing pending is deleted undelivered.
+    """
+    count = 25_000
+    with Analytics(
+        app_id=APP,
+        persistence_dir=queue_dir,
+        send=False,
+        handle_signals=False,
+        max_queue_size=100_000,
+    ) as app:
+        ids = [app.track(f"user-{i % 7}", "page_view", {"i": i}) for i in range(count)]
+
+    result = run(
+        "flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json",
+        env={"DURABLE_ANALYTICS_MAX_QUEUE_SIZE": "10"},
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["pending_at_start"], report["remaining"]) == (count, 0)
+    assert (report["delivered"], report["dead_lettered"]) == (count, 0)
+    assert set(collector.message_ids()) == set(ids)
+    with open_reader(queue_dir) as reader:
+        assert (reader.depth(), reader.dead_letter_count()) == (0, 0)
+
+
+def test_flush_that_delivers_nothing_exits_1_and_says_why(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """Every batch answered 404 (a wrong path): flush dead-letters them and exits 1, naming why.
+
+    A command that delivered nothing it was asked to deliver must not report success.
+    """
+    fill(queue_dir, 30)
+    collector.respond_with(404, times=None)
+
+    result = run("flush", "--dir", str(queue_dir), "--base-url", collector.url)
+
+    assert result.exit_code == 1, result.output
+    assert "delivered 0 of 30 event(s)" in result.stderr
+    assert "30 refused by the server and moved to dead_letter (rejected_404: 30" in result.stderr
+    as_json = run("flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json")
+    assert as_json.exit_code == 0  # nothing pending any more: nothing asked, nothing failed
+    assert json.loads(as_json.stdout)["pending_at_start"] == 0
+
+
+def test_flush_json_counts_delivered_and_dead_lettered(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """Part refused: --json reports delivered vs dead-lettered by reason, and the exit is 1."""
+    fill(queue_dir, 10)
+    dead_letter(queue_dir, 2, "rejected_422", 422)  # earlier dead letters do not count
+    collector.respond_with(404, times=1)
+
+    result = run(
+        "flush", "--dir", str(queue_dir), "--base-url", collector.url, "--json",
+        env={"DURABLE_ANALYTICS_MAX_BATCH_SIZE": "5"},
+    )  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert (report["delivered"], report["dead_lettered"], report["remaining"]) == (3, 5, 0)
+    assert report["dead_lettered_by_reason"] == {"rejected_404": 5}
+    assert "delivered 3 of 8 event(s); 5 refused" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["replay", "purge"])
+def test_dead_letters_reason_that_matches_nothing_exits_1_listing_the_reasons(
+    queue_dir: Path, command: str
+) -> None:
+    """replay/purge --reason <typo> change nothing, exit 1 and list the reasons present."""
+    fill(queue_dir, 5)
+    dead_letter(queue_dir, 2, "rejected_400", 400)
+    dead_letter(queue_dir, 1, "rejected_404", 404)
+    d = str(queue_dir)
+
+    for extra in ((), ("--dry-run",), ("--yes",) if command == "purge" else ("--json",)):
+        result = run("dead-letters", command, "--dir", d, "--reason", "nonsense", *extra)
+        assert result.exit_code == 1, (extra, result.output)
+        assert "no dead letter has reason 'nonsense'" in result.stderr
+        assert "reasons present: rejected_400 (2), rejected_404 (1)" in result.stderr
+    with open_reader(queue_dir) as reader:
+        assert (reader.dead_letter_count(), reader.depth()) == (3, 2)
+    listed = run("dead-letters", "list", "--dir", d, "--reason", "nonsense")
+    assert listed.exit_code == 0 and listed.stdout.strip() == "no dead letters match"
+    assert "reasons present: rejected_400 (2), rejected_404 (1)" in listed.stderr
+
+
+def test_dead_letters_replay_by_reason_on_a_queue_without_dead_letters(queue_dir: Path) -> None:
+    """With no dead letters at all, replay --reason says so and exits 1."""
+    fill(queue_dir, 1)
+    result = run("dead-letters", "replay", "--dir", str(queue_dir), "--reason", "rejected_400")
+    assert result.exit_code == 1
+    assert "there are no dead letters" in result.stderr
+
+
+def test_export_to_a_missing_directory_is_one_clear_line(tmp_path: Path, queue_dir: Path) -> None:
+    """export --out into a directory that does not exist: exit 2, one line naming the path."""
+    fill(queue_dir, 3)
+    out = tmp_path / "nonexistent" / "x.jsonl"
+
+    result = run("export", "--dir", str(queue_dir), "--out", str(out))
+
+    assert result.exit_code == 2
+    assert f"cannot create {out}: No such file or directory" in result.stderr
+    assert "Traceback" not in result.output
+    assert not out.parent.exists()
+
+
+EXPORT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from durable_analytics.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+main(sys.argv[1:])
+"""
+
+
+def test_export_that_fails_part_way_leaves_nothing_half_written(
+    tmp_path: Path, queue_dir: Path
+) -> None:
+    """A write that fails mid-export (file size limit): exit 1, and --out is left as it was."""
+    fill(queue_dir, 1000)
+    out = tmp_path / "pending.jsonl"
+    out.write_text("earlier export\n")
+
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_UNDER_A_FILE_SIZE_LIMIT,
+         "export", "--dir", str(queue_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=DEADLINE, env=child_env(),
+    )  # fmt: skip
+
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: cannot write {out}: File too large; nothing written"
+    ]
+    assert out.read_text() == "earlier export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pending.jsonl", "queue"]
+
+
+BAD_PAYLOADS = {  # id: (SQL value, what the CLI says about it)
+    2: ("CAST(X'7B2261223A2262FF227D' AS TEXT)",  # {"a":"b\xff"}
+        "payload is not valid UTF-8 (byte 0xff at offset 7)"),
+    3: ("'not json'", "payload is not JSON (Expecting value at offset 0)"),
+    4: ("'[1, 2]'", "payload is JSON but not an object (an array)"),
+}  # fmt: skip
+
+
+def spoil_payloads(directory: Path, table: str = "events") -> None:
+    """Overwrite the payloads of rows 2-4 by hand, as a damaged disk or an operator might."""
+    conn = sqlite3.connect(directory / "queue.db")
+    try:
+        for row_id, (value, _) in BAD_PAYLOADS.items():
+            conn.execute(f"UPDATE {table} SET payload = {value} WHERE id = ?", (row_id,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_peek_reads_around_unreadable_payloads(queue_dir: Path) -> None:
+    """Invalid UTF-8, not JSON, not an object: peek shows every row (those marked), exit 0.
+
+    Each unreadable row is named on stderr with its id and why; the good rows are intact.
+    """
+    ids = fill(queue_dir, 6)
+    spoil_payloads(queue_dir)
+
+    result = run("peek", "--dir", str(queue_dir))
+
+    assert result.exit_code == 0, result.output
+    rows = json_lines(result.stdout)
+    assert [r["message_id"] for r in rows] == ids
+    for row in rows:
+        if row["id"] in BAD_PAYLOADS:
+            assert row["payload"] is None
+            assert row["unreadable"] == BAD_PAYLOADS[row["id"]][1]
+        else:
+            assert row["payload"]["event_id"] == row["message_id"]
+            assert "unreadable" not in row
+    assert rows[1]["stored_payload"] == '{"a":"b\ufffd"}'
+    assert result.stderr.splitlines() == [
+        f'warning: events row {i}: {why}; marked "unreadable" in the output'
+        for i, (_, why) in BAD_PAYLOADS.items()
+    ]
+    pretty = run("peek", "--dir", str(queue_dir), "--pretty", "--payload-only")
+    assert pretty.exit_code == 0
+    assert pretty.stdout.count('"event_id"') == 3
+    assert "left out (--payload-only)" in pretty.stderr
+
+
+def test_export_payload_only_leaves_out_unreadable_rows_and_exits_1(queue_dir: Path) -> None:
+    """export --payload-only writes every readable event, names the others, and exits 1."""
+    ids = fill(queue_dir, 6)
+    spoil_payloads(queue_dir)
+    out = queue_dir.parent / "events.jsonl"
+
+    result = run("export", "--dir", str(queue_dir), "--payload-only", "--out", str(out))
+
+    assert result.exit_code == 1
+    assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
+        ids[0], ids[4], ids[5]
+    ]  # fmt: skip
+    assert "warning: events row 2: payload is not valid UTF-8" in result.stderr
+    assert "exported 3 event(s)" in result.stderr
+    assert "Error: 3 unreadable row(s) left out" in result.stderr
+    full = run("export", "--dir", str(queue_dir))
+    assert full.exit_code == 0
+    assert [r["id"] for r in json_lines(full.stdout)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> None:
+    """Bad rows in dead_letter (where the flusher puts them) read as marked records too."""
+    fill(queue_dir, 6)
+    dead_letter(queue_dir, 6, "rejected_400", 400)
+    spoil_payloads(queue_dir, table="dead_letter")
+    d = str(queue_dir)
+
+    exported = run("export", "--dir", d, "--dead-letters")
+    listed = run("dead-letters", "list", "--dir", d, "--json")
+    table = run("dead-letters", "list", "--dir", d)
+    status = run("status", "--dir", d, "--json")
+
+    for result in (exported, listed):
+        assert result.exit_code == 0, result.output
+        rows = json_lines(result.stdout)
+        assert [r["unreadable"] for r in rows[1:4]] == [why for _, why in BAD_PAYLOADS.values()]
+        assert rows[0]["payload"]["type"] == "track"
+        assert "warning: dead_letter row 3: payload is not JSON" in result.stderr
+    assert table.exit_code == 0 and len(table.stdout.splitlines()) == 7
+    assert json.loads(status.stdout)["dead_letters_by_reason"] == {"rejected_400": 6}
+
+
+def test_text_columns_with_invalid_utf8_do_not_stop_a_listing(queue_dir: Path) -> None:
+    """A hand-written event name that is not UTF-8 shows as U+FFFD in status and peek."""
+    fill(queue_dir, 2)
+    conn = sqlite3.connect(queue_dir / "queue.db")
+    conn.execute("UPDATE events SET event = CAST(X'6261FF' AS TEXT) WHERE id = 1")
+    conn.commit()
+    conn.close()
+
+    status = run("status", "--dir", str(queue_dir), "--json")
+    peek = run("peek", "--dir", str(queue_dir))
+
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["pending_by_event"]["ba\ufffd"] == 1
+    assert peek.exit_code == 0 and json_lines(peek.stdout)[0]["event"] == "ba\ufffd"
+
+
+# --- a location that survives reboots (issue 11) ------------------------------------------------
+
+
+def test_state_dir_is_the_per_user_state_directory(private_state_home: Path) -> None:
+    """state_dir(app) is <XDG_STATE_HOME>/durable-analytics/<app>; it creates nothing and
+    refuses an app id that is not a name, naming app_id."""
+    assert state_dir("my-app") == private_state_home / "durable-analytics" / "my-app"
+    assert not private_state_home.exists()
+    for bad in ("../x", "", ".."):
+        with pytest.raises(ConfigurationError, match="app_id"):
+            state_dir(bad)
+
+
+def test_queues_searches_the_temp_root_and_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_state_home: Path
+) -> None:
+    """Without --root, queues lists the queues of both default roots: temp and state."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir(mode=0o700)
+    fill(tmp_path / "tmp" / "layers-sdk" / "in-tmp", 1, app_id="in-tmp")
+    fill(state_dir("durable"), 2, app_id="durable")
+
+    result = run("queues", "--json")
+    table = run("queues")
+
+    assert result.exit_code == 0, result.output
+    found = {row["app_id"]: row["directory"] for row in json.loads(result.stdout)}
+    assert found == {
+        "in-tmp": str(tmp_path / "tmp" / "layers-sdk" / "in-tmp"),
+        "durable": str(private_state_home / "durable-analytics" / "durable"),
+    }
+    assert "in-tmp" in table.stdout and "durable" in table.stdout
+
+
+def test_queues_without_any_names_both_roots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, private_state_home: Path
+) -> None:
+    """With no queue anywhere, queues says which two roots it searched."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    result = run("queues")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == (
+        f"no queues under {tmp_path / 'tmp' / 'layers-sdk'} or "
+        f"{private_state_home / 'durable-analytics'}"
+    )
+
+
+def test_status_by_app_id_finds_a_queue_in_the_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--app-id falls back to state_dir(app) when the temp default holds no queue."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    fill(state_dir("durable"), 3, app_id="durable")
+
+    result = run("status", "--app-id", "durable", "--json")
+
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["directory"], info["depth"]) == (str(state_dir("durable")), 3)
+    assert run("status", "--app-id", "elsewhere").exit_code == 3
+
+
+def test_replaying_more_dead_letters_than_the_default_cap_keeps_them_all(
+    queue_dir: Path,
+) -> None:
+    """dead-letters replay never trims: 10,050 dead letters go back to the queue, all of them,
+    whatever max_queue_size the environment sets."""
+    count = 10_050
+    with Analytics(
+        app_id=APP, persistence_dir=queue_dir, send=False, handle_signals=False,
+        max_queue_size=20_000,
+    ) as app:  # fmt: skip
+        for i in range(count):
+            app.track("u", "page_view", {"i": i})
+    dead_letter(queue_dir, count, "rejected_400", 400)
+
+    result = run(
+        "dead-letters", "replay", "--dir", str(queue_dir), "--all", "--json",
+        env={"DURABLE_ANALYTICS_MAX_QUEUE_SIZE": "10"},
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["replayed"] == count
+    with open_reader(queue_dir) as reader:
+        assert (reader.depth(), reader.dead_letter_count()) == (count, 0)

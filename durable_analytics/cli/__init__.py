@@ -1,7 +1,8 @@
 """``durable-analytics``: see, ship, export and replay a queue; run the local collector; the demo.
 
 Built on the library's own API (`open_reader` in reader.py, `SQLiteQueue` in queue.py,
-`Analytics`, `Config`, the `Collector`), never the other way round. Every command has
+`Analytics`, `Config`, the `Collector`), never the other way round. No command trims or drops
+pending events: every client it opens has no reachable cap (``_common.NO_CAP``). Every command has
 ``--help``; commands a script would parse have ``--json``. Long work shows a click progress bar
 on stderr, only when stdout and stderr are both terminals; nothing asks a question unless stdin
 and stdout are.
@@ -19,9 +20,13 @@ Exit codes (docs/cli.md):
 
 ====  ==========================================================================================
 0     success
-1     the command ran but did not reach its goal: flush left events pending, the demo lost an
-      event, the collector could not listen, a confirmation was declined
-2     usage: a bad option or argument, invalid configuration, no queue named, --yes missing
+1     the command ran but did not reach its goal: flush did not deliver every event pending at
+      its start (refused into dead_letter, or still pending at --timeout), export could not
+      write --out or left unreadable rows out, a --reason of replay/purge names no dead
+      letter, the demo lost an event, the collector could not listen, a confirmation was
+      declined
+2     usage: a bad option or argument (export --out in a missing directory), invalid
+      configuration, no queue named, --yes missing
 3     no queue at the location given (nothing is created)
 4     queue busy or unavailable for now: locked past ``--lock-timeout``, another process is
       flushing it (--no-wait), or the disk is read-only, full or not permitted; may pass

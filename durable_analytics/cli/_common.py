@@ -27,7 +27,7 @@ from ..errors import (
     StorageUnavailableError,
 )
 from ..events import format_timestamp
-from ..paths import DB_NAME
+from ..paths import DB_NAME, state_dir
 from ..reader import EventFilter, QueueReader, open_reader, queue_exists
 
 if TYPE_CHECKING:
@@ -44,6 +44,11 @@ EXIT_NOT_FOUND = 3
 EXIT_BUSY = 4
 EXIT_UNUSABLE = 5
 EXIT_INTERRUPTED = 130
+
+#: The max_queue_size of every client the CLI opens: no command trims or drops pending events.
+#: Config has no "no cap" value and its default (10,000) would trim a larger backlog at open,
+#: so the cap is one no queue can reach (row ids are signed 64-bit integers).
+NO_CAP = 2**63 - 1
 
 EVENT_TYPES = ("track", "screen", "page", "identify", "set_user_properties", "group", "alias")
 _PAGE = 1000
@@ -181,7 +186,8 @@ class QueueTarget:
 
         ``--dir`` wins; then ``--app-id`` (or ``$DURABLE_ANALYTICS_APP_ID``) under ``--root``, or
         where a client with that app id keeps its queue (``$DURABLE_ANALYTICS_PERSISTENCE_DIR``,
-        else the default temp location); then ``$DURABLE_ANALYTICS_PERSISTENCE_DIR`` alone.
+        else the default temp location, else ``state_dir(app_id)`` if only that one holds a
+        queue); then ``$DURABLE_ANALYTICS_PERSISTENCE_DIR`` alone.
 
         :raises click.UsageError: nothing names a queue.
         :raises ConfigurationError: the app id is invalid.
@@ -194,6 +200,11 @@ class QueueTarget:
             where = self.root / app if self.root is not None else env_dir
             # Config validates the app id (no "../x") and applies the default location.
             config = Config.resolve({"app_id": app, "persistence_dir": where}, environ={})
+            if where is None and not queue_exists(config.queue_dir):
+                # An app that keeps its queue where state_dir() says, not in the temp default.
+                durable = state_dir(app)
+                if queue_exists(durable):
+                    return durable, app
             return config.queue_dir, app
         if env_dir is not None:
             return Path(os.path.abspath(env_dir)), None

@@ -11,6 +11,7 @@ from ..queue import SQLiteQueue
 from ..reader import EventFilter
 from ._common import (
     _PAGE,
+    CLIError,
     QueueTarget,
     _can_ask,
     _echo_json,
@@ -22,7 +23,7 @@ from ._common import (
     _queue_options,
     _Settings,
 )
-from .reading import _row_line
+from .reading import _row_line, _warn_unreadable
 
 
 @click.group("dead-letters", cls=_Group)
@@ -50,6 +51,8 @@ def dead_letters_list(
         for row in reader.iter_dead_letters(where, page_size=min(limit, _PAGE) or _PAGE):
             shown += 1
             if as_json:
+                if row.unreadable is not None:
+                    _warn_unreadable(row, left_out=False)
                 click.echo(_row_line(row, False))
             else:
                 status_code = "-" if row.status_code is None else str(row.status_code)
@@ -59,6 +62,10 @@ def dead_letters_list(
                 )  # fmt: skip
             if shown == limit:
                 break
+        present = dict(reader.dead_letters_by_reason()) if not shown and where.reasons else {}
+    if present:
+        known = ", ".join(f"{reason} ({n})" for reason, n in present.items())
+        click.echo(f"reasons present: {known}", err=True)
     if as_json:
         return
     if not shown:
@@ -86,6 +93,8 @@ def _change_dead_letters(
         raise click.UsageError("choose dead letters with --reason, --id, ... or --all")
     with target.open(settings) as reader:
         total = reader.count(where, dead_letters=True)
+        if total == 0 and where.reasons:
+            _check_reasons(where.reasons, dict(reader.dead_letters_by_reason()))
         if change is None or total == 0:
             return total, 0
         confirm(total, reader.path)
@@ -108,6 +117,21 @@ def _change_dead_letters(
         finally:
             queue.close()
     return total, done
+
+
+def _check_reasons(asked: tuple[str, ...], present: dict[str, int]) -> None:
+    """A --reason that names no dead letter is a typo more often than not: say which exist.
+
+    :raises CLIError: some reason in ``asked`` names no dead letter.
+    """
+    unknown = [reason for reason in asked if reason not in present]
+    if not unknown:
+        return
+    known = ", ".join(f"{reason} ({n})" for reason, n in present.items())
+    raise CLIError(
+        f"no dead letter has reason {', '.join(map(repr, unknown))}; "
+        + (f"reasons present: {known}" if known else "there are no dead letters")
+    )
 
 
 _all_flag = click.option("--all", "select_all", is_flag=True, help="Every dead letter.")

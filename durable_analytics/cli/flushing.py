@@ -12,6 +12,7 @@ from ..client import Analytics
 from ..config import ENV_PREFIX
 from ..reader import QueueReader, flush_lock_held
 from ._common import (
+    NO_CAP,
     CLIError,
     QueueBusy,
     QueueTarget,
@@ -55,15 +56,18 @@ def flush(
 
     Safe while the app runs: sending goes through the library's flusher and its flush.lock
     election, so one process at a time sends from a queue. Events appended after the start
-    are left to the app. Exit 0 when every event pending at the start has left the queue
-    (delivered or dead-lettered), 1 if some remain at --timeout, 4 with --no-wait when another
-    process holds the flush lock. Options left out come from DURABLE_ANALYTICS_* as in the app.
+    are left to the app. Never trims: the queue is opened without a cap, whatever
+    max_queue_size the environment sets. Exit 0 when every event pending at the start was
+    delivered; 1 if the server refused some (moved to dead_letter) or some remain at
+    --timeout; 4 with --no-wait when another process holds the flush lock. Options left out
+    come from DURABLE_ANALYTICS_* as in the app.
     """
     started = time.monotonic()
     stats: dict[str, Any] = {}
     url = None
     with target.open(settings) as reader:
         last_id = reader.last_id()
+        dead_before = reader.last_dead_letter_id()
         at_start = remaining = reader.pending_through(last_id)
         if at_start and flush_lock_held(reader.directory):
             if not wait:
@@ -83,6 +87,7 @@ def flush(
                 send=True,
                 handle_signals=False,
                 flush_interval=1.0,  # take over within a second if the other flusher dies
+                max_queue_size=NO_CAP,
             )
             url = client.config.base_url
             try:
@@ -90,11 +95,19 @@ def flush(
                 stats = dict(client.stats())
             finally:
                 client.shutdown(timeout=1.0)
+        # Counted on disk, whichever process moved them. A dead letter the app made meanwhile
+        # of an event appended after the start would count too: hence the clamp.
+        by_reason = dict(reader.dead_letters_by_reason(after_id=dead_before)) if at_start else {}
+        dead_lettered = min(sum(by_reason.values()), at_start - remaining)
+        delivered = at_start - remaining - dead_lettered
         result = {
             "app_id": reader.app_id,
             "queue": str(reader.path),
             "base_url": url,
             "pending_at_start": at_start,
+            "delivered": delivered,
+            "dead_lettered": dead_lettered,
+            "dead_lettered_by_reason": by_reason,
             "remaining": remaining,
             "delivered_by_this_process": stats.get("delivered", 0),
             "dead_lettered_by_this_process": stats.get("dead_lettered", 0),
@@ -109,14 +122,26 @@ def flush(
         click.echo(f"nothing to send in {result['queue']}{hint}")
     else:
         click.echo(
-            f"{at_start - remaining} of {at_start} event(s) left the queue in "
-            f"{result['seconds']:.1f}s (this process delivered "
-            f"{result['delivered_by_this_process']} to {url}, dead-lettered "
-            f"{result['dead_lettered_by_this_process']})"
+            f"delivered {delivered} of {at_start} event(s) in {result['seconds']:.1f}s "
+            f"(this process sent {result['delivered_by_this_process']} to {url})"
         )
-    if remaining:
-        last = result["last_error"] or "none (timed out)"
-        raise CLIError(f"{remaining} event(s) still pending (kept on disk); last error: {last}")
+    if delivered < at_start:
+        raise CLIError(_shortfall(result))
+
+
+def _shortfall(result: dict[str, Any]) -> str:
+    """Why a flush delivered less than it was asked to, in one line."""
+    parts = [f"delivered {result['delivered']} of {result['pending_at_start']} event(s)"]
+    if result["dead_lettered"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in result["dead_lettered_by_reason"].items())
+        parts.append(
+            f"{result['dead_lettered']} refused by the server and moved to dead_letter "
+            f"({reasons}; see `durable-analytics dead-letters list`)"
+        )
+    if result["remaining"]:
+        parts.append(f"{result['remaining']} event(s) still pending (kept on disk)")
+    last = result["last_error"] or ("none (timed out)" if result["remaining"] else None)
+    return "; ".join(parts) + (f"; last error: {last}" if last else "")
 
 
 def _drive_flush(

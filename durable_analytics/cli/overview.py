@@ -13,6 +13,7 @@ import click
 
 from ..config import ENV_PREFIX, default_persistence_dir
 from ..errors import DurableAnalyticsError
+from ..paths import state_root
 from ..reader import QueueReader, flush_lock_held, open_reader, queue_exists
 from ._common import QueueTarget, _echo_json, _json_flag, _print_table, _queue_options, _Settings
 
@@ -64,12 +65,18 @@ def _default_root() -> Path:
     return default_persistence_dir("app").parent
 
 
+def _search_roots(roots: tuple[Path, ...]) -> list[Path]:
+    """The roots given, or the two default ones: the temp root and the per-user state root."""
+    if roots:
+        return [Path(os.path.abspath(r)) for r in roots]
+    return [_default_root(), state_root()]
+
+
 def _candidate_dirs(roots: tuple[Path, ...]) -> list[Path]:
     """Queue directories in and under the roots (or the default places), each listed once."""
     places: list[Path] = []
-    scan = [Path(os.path.abspath(r)) for r in roots]
+    scan = _search_roots(roots)
     if not roots:
-        scan = [_default_root()]
         if env_dir := os.environ.get(ENV_PREFIX + "PERSISTENCE_DIR"):
             places.append(Path(os.path.abspath(env_dir)))
         if env_app := os.environ.get(ENV_PREFIX + "APP_ID"):
@@ -114,7 +121,9 @@ def _describe(reader: QueueReader) -> dict[str, Any]:
 def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> None:
     """Find queues: app id, depth, oldest event's age, dead letters, size, live flusher.
 
-    Searches <root>/*/queue.db (default root: <tempdir>/layers-sdk) and the directories that
+    Searches <root>/*/queue.db under both default roots, <tempdir>/layers-sdk (where a client
+    without persistence_dir keeps its queue) and the per-user state directory (where
+    durable_analytics.state_dir() puts it), and the directories that
     DURABLE_ANALYTICS_PERSISTENCE_DIR and DURABLE_ANALYTICS_APP_ID point at. A queue that can't
     be read is listed with its error (the command still exits 0). --json prints an array.
     """
@@ -129,7 +138,7 @@ def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> No
         _echo_json(rows)
         return
     if not rows:
-        click.echo(f"no queues under {', '.join(map(str, roots)) or _default_root()}")
+        click.echo(f"no queues under {' or '.join(map(str, _search_roots(roots)))}")
         return
     table = [("APP ID", "DEPTH", "OLDEST", "DEAD", "SIZE", "FLUSHER", "DIRECTORY")]
     for row in rows:
