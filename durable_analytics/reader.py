@@ -91,9 +91,7 @@ COUNT_EVENTS_MATCHING: Final = "SELECT count(*) FROM events WHERE id > 0" + _EVE
 SELECT_DEAD_LETTERS_PAGE: Final = (
     "SELECT id, message_id, type, event, distinct_id, created_at, attempts, "
     "CAST(payload AS BLOB), reason, status_code, failed_at, {response} "
-    "FROM dead_letter WHERE id > :after"
-    + _DEAD_LETTER_FILTERS
-    + " ORDER BY id LIMIT :limit"
+    "FROM dead_letter WHERE id > :after" + _DEAD_LETTER_FILTERS + " ORDER BY id LIMIT :limit"
 )
 COUNT_DEAD_LETTERS_MATCHING: Final = (
     "SELECT count(*) FROM dead_letter WHERE id > 0" + _DEAD_LETTER_FILTERS
