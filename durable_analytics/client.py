@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -41,13 +42,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import EllipsisType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import signals
 from ._version import __version__
+from .batch import Batch
 from .config import Config, default_persistence_dir
 from .errors import (
     ClosedError,
@@ -56,21 +58,31 @@ from .errors import (
     EventTooLargeError,
     HookError,
     QueueCorruptError,
+    QueueFullError,
     QueueReplacedError,
     StorageBusyError,
     StorageError,
     StorageUnavailableError,
     ValidationError,
 )
-from .events import DRAFTS, Draft, EncodedEvent, EventBuilder, EventOptions, JsonDefault
+from .events import (
+    DRAFTS,
+    Draft,
+    EncodedEvent,
+    EventBuilder,
+    EventOptions,
+    JsonDefault,
+    check_name,
+)
 from .flusher import Flusher
+from .methods import EventMethods
 from .paths import ensure_private_dir
 from .queue import SQLiteQueue
 from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
 
 if TYPE_CHECKING:  # typing.Unpack is 3.11+; only type checkers read it (annotations are lazy)
-    from typing_extensions import Unpack
+    pass
 
 __all__ = ["Analytics", "BeforeSend", "ConsentState", "ErrorListener"]
 
@@ -87,10 +99,12 @@ _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 
 # Seconds between two warnings about the same ongoing condition (a full queue).
 _LOG_INTERVAL = 10.0
-# The event options a dict passed to track() may carry besides its own fields.
-_OPTION_NAMES = ("timestamp", "context", "message_id", "anonymous_id", "integrations")
 # The methods whose events get global_properties (the others' properties are traits).
 _WITH_GLOBALS = frozenset({"track", "screen", "page"})
+# Most events track_many() commits in one transaction.
+_TRACK_MANY_CHUNK = 500
+# How often a track() blocked by a full queue looks again (besides the flusher's own progress).
+_BLOCK_POLL = 0.05
 # Constructor keywords that are not Config options.
 _NOT_CONFIG = frozenset(
     {"before_send", "global_properties", "json_default", "on_error", "transport"}
@@ -116,7 +130,7 @@ class ConsentState:
         return {"analytics": self.analytics, "advertising": self.advertising}
 
 
-class Analytics:
+class Analytics(EventMethods):
     """Records analytics events durably and ships them in the background.
 
     Every option may come from the environment as ``DURABLE_ANALYTICS_<OPTION>``; an argument
@@ -265,119 +279,22 @@ class Analytics:
             f"queue={str(self._queue.path)!r})"
         )
 
-    # --- event methods ---------------------------------------------------------------------
-    #
-    # Each is the method's own arguments -> events.DRAFTS[method] -> `_record`. The keyword
-    # arguments every method shares (timestamp, context, message_id, anonymous_id,
-    # integrations) are `EventOptions`, passed through as they are.
+    # --- recording (the event methods are `EventMethods`) ------------------------------------
 
-    def track(
-        self,
-        distinct_id: str | Mapping[str, Any] | None = None,
-        event: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Record that ``distinct_id`` did ``event``; returns the event's ``message_id``.
-
-        Also takes the seeds' object form: ``track(event="Signup", distinct_id="u1",
-        properties={...})``, or a single dict with those keys (``user_id`` for
-        ``distinct_id`` too, and any of the options).
-
-        :raises ValidationError: an argument is invalid (the message names it).
-        :raises ClosedError: after `shutdown`.
-        """
-        if isinstance(distinct_id, Mapping):
-            fields = dict(distinct_id)
-            distinct_id = fields.pop("distinct_id", fields.pop("user_id", None))
-            event = fields.pop("event", event)
-            properties = fields.pop("properties", properties)
-            for name in _OPTION_NAMES:
-                if name in fields:
-                    options[name] = fields.pop(name)  # type: ignore[literal-required]
-            if fields:
-                self._stats.drop("invalid")
-                raise ValidationError("track", f"unknown field(s) {', '.join(sorted(fields))}")
-        return self._record("track", options, distinct_id, event, properties)
-
-    def screen(
-        self,
-        distinct_id: str | None,
-        name: str,
-        properties: Mapping[str, Any] | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Record a screen view (event ``$screen`` with ``screen_name``); returns the message id."""
-        return self._record("screen", options, distinct_id, name, properties)
-
-    def page(
-        self,
-        distinct_id: str | None,
-        name: str | None = None,
-        properties: Mapping[str, Any] | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Record a page view (event ``$pageview`` with ``page_name``); returns the message id."""
-        return self._record("page", options, distinct_id, name, properties)
-
-    def identify(
-        self,
-        distinct_id: str | None,
-        traits: Mapping[str, Any] | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Tie ``distinct_id`` to ``traits`` (event ``$identify``); returns the message id."""
-        return self._record("identify", options, distinct_id, traits)
-
-    def set_user_properties(
-        self,
-        distinct_id: str | None,
-        properties: Mapping[str, Any],
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Set properties on the user (event ``$set``, type ``identify``); returns the id."""
-        return self._record("set_user_properties", options, distinct_id, properties)
-
-    def group(
-        self,
-        distinct_id: str | None,
-        group_id: str,
-        traits: Mapping[str, Any] | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Put the user in a group such as a company (event ``$group``); returns the message id."""
-        return self._record("group", options, distinct_id, group_id, traits)
-
-    def alias(
-        self,
-        distinct_id: str | None = None,
-        previous_id: str | None = None,
-        *,
-        user_id: str | None = None,
-        **options: Unpack[EventOptions],
-    ) -> str:
-        """Link ``previous_id`` to the new ``distinct_id`` (event ``$alias``); returns the id.
-
-        Positionally the order is (new id, previous id), the seeds' order; Segment's and
-        PostHog's ``alias(previous_id, user_id)`` is the other way round, so code ported from
-        them should pass keywords: ``alias(user_id=new, previous_id=old)`` (``user_id`` is
-        ``distinct_id`` by its Segment name). docs/porting.md says more.
-
-        :raises ValidationError: an id is missing or invalid, or both ``distinct_id`` and
-            ``user_id`` were given.
-        """
-        if user_id is not None:
-            if distinct_id is not None:
-                self._stats.drop("invalid")
-                raise ValidationError("user_id", "give distinct_id or user_id, not both")
-            distinct_id = user_id
-        if distinct_id is None:
-            self._stats.drop("invalid")
-            raise ValidationError("distinct_id", "is required (the new id)")
-        return self._record("alias", options, distinct_id, previous_id)
+    def _count_invalid(self) -> None:
+        self._stats.drop("invalid")
 
     def _record(self, kind: str, options: EventOptions, *args: Any) -> str:
-        """Map, validate, hook, encode and enqueue one event; returns its message id."""
+        encoded, message_id = self._prepare(kind, options, args)
+        if encoded is not None:
+            self._enqueue([encoded])
+        return message_id
+
+    def _prepare(
+        self, kind: str, options: EventOptions, args: tuple[Any, ...]
+    ) -> tuple[EncodedEvent | None, str]:
+        """Map, validate, apply consent and hooks, encode: (the event to store, or None when
+        consent or ``before_send`` dropped it (counted); its message id)."""
         if self._closed:
             raise ClosedError(
                 f"{kind}() after shutdown(): this client is closed and wrote nothing; "
@@ -405,14 +322,71 @@ class Analytics:
         if self._consent.analytics is False:
             self._stats.drop("consent")
             logger.debug("durable_analytics: %s dropped: analytics consent withheld", draft.event)
-            return encoded.message_id
+            return None, encoded.message_id
         if self._before_send is not None:
-            hooked = self._run_before_send(encoded)
-            if hooked is None:
-                return encoded.message_id
-            encoded = hooked
-        self._enqueue(encoded)
-        return encoded.message_id
+            return self._run_before_send(encoded), encoded.message_id
+        return encoded, encoded.message_id
+
+    # --- batch jobs ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Events and checkpoints that are committed together, in one transaction, when the
+        block exits normally, and not at all when it raises (docs/batch-jobs.md).
+
+        Every event method is on the batch, with the same validation and hooks as on the
+        client (a bad event raises when it is added); ``batch.checkpoint(name, value)``
+        records a job's progress with its events, read back by `checkpoint`.
+
+        :raises QueueFullError: at exit, when ``on_queue_full`` is "raise" (or "block" and
+            no room came) and the events don't fit under ``max_queue_size``; when adding an
+            event beyond ``max_queue_size`` (such a batch could never be stored whole).
+        :raises StorageError: at exit, when the disk refused the transaction (nothing of the
+            batch is stored: a job must not believe its checkpoint was saved).
+        """
+        if self._closed:
+            raise ClosedError("batch() after shutdown(): this client is closed")
+        batch = Batch(self)
+        try:
+            yield batch
+        finally:
+            events, checkpoints = batch.close()
+        self._enqueue(events, checkpoints, loud=True)
+
+    def track_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Track many events given as dicts in the object form (``event``, ``distinct_id``,
+        ``properties`` and the options), in as few transactions as is sensible (chunks of
+        at most 500 and ``max_queue_size``); returns their message ids in order.
+
+        :raises ValidationError: an item is invalid; the field names its index (``[7].event``).
+            Chunks before it are stored, its own chunk is not.
+        :raises QueueFullError: as for `batch`.
+        :raises StorageError: as for `batch`.
+        """
+        ids: list[str] = []
+        size = max(1, min(_TRACK_MANY_CHUNK, self.config.max_queue_size))
+        iterator = iter(items)
+        index = 0
+        while chunk := list(itertools.islice(iterator, size)):
+            with self.batch() as batch:
+                for item in chunk:
+                    if not isinstance(item, Mapping):
+                        self._stats.drop("invalid")
+                        raise ValidationError(
+                            f"[{index}]", f"must be a dict, got {type(item).__name__}"
+                        )
+                    try:
+                        ids.append(batch.track(item))
+                    except ValidationError as exc:
+                        message = str(exc).partition(": ")[2]
+                        raise ValidationError(f"[{index}].{exc.field}", message) from exc
+                    index += 1
+        return ids
+
+    def checkpoint(self, name: str) -> str | None:
+        """The last value committed for checkpoint ``name`` by `Batch.checkpoint` in any
+        process of this app, or None when it was never set."""
+        return self._queue.checkpoint_value(check_name(name, "name"))
 
     def _run_before_send(self, encoded: EncodedEvent) -> EncodedEvent | None:
         """``before_send`` on the built event; None when it drops the event (or fails: counted
@@ -447,26 +421,48 @@ class Analytics:
             )
         self._global_properties = None if properties is None else dict(properties)
 
-    def _enqueue(self, encoded: EncodedEvent) -> None:
+    def _enqueue(
+        self,
+        events: Sequence[EncodedEvent],
+        checkpoints: Mapping[str, str] | None = None,
+        *,
+        loud: bool = False,
+    ) -> None:
+        """Store events (and checkpoints) under the ``on_queue_full`` policy, count, wake.
+
+        A storage fault is a counted drop for `track()` (module docstring); ``loud`` (a batch)
+        raises it as well, since a job must not go on past events that were not stored.
+        """
         config = self.config
+        if not events and not checkpoints:
+            return
         try:
-            trimmed = self._append(encoded)
+            if len(events) == 1 and not checkpoints and config.on_queue_full == "drop_oldest":
+                trimmed = self._append(events[0])
+            else:
+                trimmed = self._append_many(events, checkpoints or {})
+        except QueueFullError:
+            self._stats.drop("queue_full", len(events))
+            raise
         except StorageError as exc:
-            self._storage_failed(exc, encoded)
+            self._storage_failed(exc, events)
+            if loud:
+                raise
             return
         finally:
             if self._queue.incidents:
                 self._report_incidents()
         if self._storage_failing:
             self._storage_recovered()
-        self._stats.add("enqueued")
+        self._stats.add("enqueued", len(events))
         if config.debug:
-            logger.debug(
-                "durable_analytics: stored %s %r (message_id %s)",
-                encoded.type,
-                encoded.event,
-                encoded.message_id,
-            )
+            for encoded in events:
+                logger.debug(
+                    "durable_analytics: stored %s %r (message_id %s)",
+                    encoded.type,
+                    encoded.event,
+                    encoded.message_id,
+                )
         if trimmed:
             self._stats.drop("queue_full", trimmed)
             self._warn_trimmed(trimmed)
@@ -476,7 +472,7 @@ class Analytics:
             # shared depth on every call would cost a query, and any process that reaches the
             # threshold wakes a flusher that can take the flush lock and ship everyone's events.
             # Unlocked on purpose: a lost increment only delays one wake-up.
-            self._pending_local += 1
+            self._pending_local += len(events)
             if self._pending_local >= config.flush_threshold:
                 self._pending_local = 0
                 self._flusher.wake()
@@ -509,10 +505,49 @@ class Analytics:
             self._queue.quarantine(exc)
             return self._queue.append(encoded, deadline=deadline)
 
-    def _storage_failed(self, exc: StorageError, encoded: EncodedEvent | None) -> None:
+    def _append_many(self, events: Sequence[EncodedEvent], checkpoints: Mapping[str, str]) -> int:
+        """`SQLiteQueue.append_many` under the ``on_queue_full`` policy.
+
+        "raise" refuses what doesn't fit; "block" waits up to ``block_timeout`` for the
+        flusher to make room (woken at once), then drops the oldest like "drop_oldest".
+
+        :raises QueueFullError: "raise", and the events don't fit.
+        :raises StorageError: the queue refused the transaction.
+        """
+        policy = self.config.on_queue_full
+        if policy == "block":
+            until = time.monotonic() + self.config.block_timeout
+            while True:
+                try:
+                    return self._append_once(events, checkpoints, require_room=True)
+                except QueueFullError:
+                    remaining = until - time.monotonic()
+                    if remaining <= 0 or not self.config.send or self._closed:
+                        break  # no room came (or nothing here will make any): drop oldest
+                    self._flusher.ensure_started()
+                    self._flusher.wake(urgent=True)
+                    self._flusher.wait_progress(min(_BLOCK_POLL, remaining))
+        return self._append_once(events, checkpoints, require_room=policy == "raise")
+
+    def _append_once(
+        self, events: Sequence[EncodedEvent], checkpoints: Mapping[str, str], *, require_room: bool
+    ) -> int:
+        deadline = time.monotonic() + self._queue.busy_timeout + _BUSY_RETRY_BUDGET
+        try:
+            return self._queue.append_many(
+                events, checkpoints, deadline=deadline, require_room=require_room
+            )
+        except QueueCorruptError as exc:
+            logger.error("durable_analytics: %s; moving it aside", exc)
+            self._queue.quarantine(exc)
+            return self._queue.append_many(
+                events, checkpoints, deadline=deadline, require_room=require_room
+            )
+
+    def _storage_failed(self, exc: StorageError, events: Sequence[EncodedEvent] | None) -> None:
         """Count the drop; log and report only the first failure of a streak."""
-        if encoded is not None:
-            self._stats.drop("storage_error")
+        if events:
+            self._stats.drop("storage_error", len(events))
         self._stats.record_error(exc)
         with self._storage_lock:
             first = not self._storage_failing
@@ -523,7 +558,7 @@ class Analytics:
                 "stats()['dropped']['storage_error'] until the queue accepts writes again",
                 exc,
             )
-            self._report(exc if encoded is None else _with_events(exc, encoded))
+            self._report(_with_events(exc, events) if events else exc)
 
     def _storage_recovered(self) -> None:
         with self._storage_lock:
@@ -728,9 +763,12 @@ class Analytics:
         self._pending_local = 0
 
 
-def _with_events(exc: E, event: EncodedEvent) -> E:
-    with contextlib.suppress(ValueError):
-        exc.events = (json.loads(event.payload),)
+def _with_events(exc: E, events: EncodedEvent | Sequence[EncodedEvent]) -> E:
+    decoded = []
+    for event in [events] if isinstance(events, EncodedEvent) else events:
+        with contextlib.suppress(ValueError):
+            decoded.append(json.loads(event.payload))
+    exc.events = tuple(decoded)
     return exc
 
 

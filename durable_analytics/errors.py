@@ -8,6 +8,8 @@
     │   └── EventTooLargeError               the encoded event is over max_event_bytes
     ├── ClosedError                          the client was shut down
     ├── HookError                            before_send raised or returned a bad event
+    ├── QueueFullError                       on_queue_full="raise" (or "block" timed out
+    │                                        for a batch): the events were not stored
     ├── StorageError                         the on-disk queue cannot be used
     │   ├── UnsafePathError                  symlink, foreign owner or loose permissions
     │   │   └── NetworkFilesystemError       the directory is on NFS/SMB/...: WAL would corrupt
@@ -49,6 +51,7 @@ __all__ = [
     "HookError",
     "NetworkFilesystemError",
     "QueueCorruptError",
+    "QueueFullError",
     "QueueMismatchError",
     "QueueReplacedError",
     "RejectedError",
@@ -96,6 +99,12 @@ class EventTooLargeError(ValidationError):
 
 class ClosedError(DurableAnalyticsError):
     """The client was shut down; create a new one to track more events."""
+
+
+class QueueFullError(DurableAnalyticsError):
+    """The events would take this process past ``max_queue_size`` and the policy says not to
+    drop older ones (``on_queue_full="raise"``), or a batch can never fit: nothing of them
+    was stored, and nothing already queued changed. Counted as dropped ``queue_full``."""
 
 
 class HookError(DurableAnalyticsError):

@@ -230,6 +230,11 @@ class Flusher:
                 # Woken by our own progress; the poll catches another process's.
                 self._progress.wait(_POLL if remaining is None else min(_POLL, remaining))
 
+    def wait_progress(self, timeout: float) -> None:
+        """Wait until the thread finishes a step (a batch sent, a drain ended) or ``timeout``."""
+        with self._progress:
+            self._progress.wait(timeout)
+
     def _done(self, target: int) -> bool:
         head = self.queue.head()
         return head is None or head[0] > target

@@ -99,7 +99,22 @@ def m003_dead_letter_response(db: sqlite_utils.Database) -> None:
     db.execute("PRAGMA user_version = 3")
 
 
-SCHEMA_VERSION = 3
+@migrations()
+def m004_checkpoints(db: sqlite_utils.Database) -> None:
+    """checkpoints: a batch job's progress, committed in the same transaction as its events.
+
+    ``Analytics.batch()`` writes a job's events and ``checkpoint(name, value)`` together, so a
+    job killed at any moment and re-run from its checkpoint neither loses nor re-enqueues an
+    event (the transactional outbox pattern).
+    """
+    db.execute(
+        "CREATE TABLE checkpoints (name TEXT PRIMARY KEY, value TEXT NOT NULL, "
+        "updated_at TEXT NOT NULL)"
+    )
+    db.execute("PRAGMA user_version = 4")
+
+
+SCHEMA_VERSION = 4
 
 
 def check_version(conn: sqlite3.Connection, path: str) -> int:

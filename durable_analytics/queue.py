@@ -27,11 +27,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from .errors import StorageBusyError, StorageUnavailableError
+from .errors import QueueFullError, StorageBusyError, StorageUnavailableError
 from .events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
@@ -52,6 +52,11 @@ SELECT_WRITER_PENDING: Final = "SELECT pending FROM writer_counts WHERE writer =
 TRIM_WRITER: Final = (
     "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE writer = ? ORDER BY id LIMIT ?)"
 )
+UPSERT_CHECKPOINT: Final = (
+    "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+)
+SELECT_CHECKPOINT: Final = "SELECT value FROM checkpoints WHERE name = ?"
 CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 SELECT_LAST_ID: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
@@ -322,6 +327,104 @@ class SQLiteQueue(QueueStorage):
                 trimmed = conn.execute(TRIM_WRITER, (writer, pending - self.max_size)).rowcount
         self._cap_room = self.max_size - (pending - trimmed)
         return int(trimmed)
+
+    def append_many(
+        self,
+        events: Sequence[EncodedEvent],
+        checkpoints: Mapping[str, str] | None = None,
+        *,
+        deadline: float | None = None,
+        require_room: bool = False,
+    ) -> int:
+        """Commit ``events`` and ``checkpoints`` in one transaction; returns how many of this
+        writer's oldest events the cap then trimmed (never any of ``events`` when they fit).
+
+        ``require_room``: refuse instead of trimming when this writer's pending events plus
+        ``events`` would pass ``max_size``. ``deadline`` as for `append`.
+
+        :raises QueueFullError: ``require_room`` and they don't fit; nothing was written.
+        :raises StorageBusyError: still locked at the deadline; nothing was written.
+        :raises StorageUnavailableError: disk full, read-only; rolled back.
+        :raises QueueCorruptError: the file is damaged.
+        """
+        self._check_fork()
+        writer = self.writer_token
+        rows = [
+            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
+            for e in events
+        ]
+        if not _acquire(self._lock, deadline):
+            raise self._busy("waiting for this process's other writers")
+        try:
+            conn = self._writer_connection()
+            if not _acquire(self._write_lock, deadline):
+                raise self._busy("waiting for this process's flusher")
+            try:
+                with self._busy_timeout_until(conn, deadline):
+                    return self._insert_many(conn, rows, checkpoints or {}, require_room)
+            finally:
+                self._write_lock.release()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+        finally:
+            self._lock.release()
+
+    def _insert_many(
+        self,
+        conn: sqlite3.Connection,
+        rows: list[tuple[Any, ...]],
+        checkpoints: Mapping[str, str],
+        require_room: bool,
+    ) -> int:
+        writer, cap = self.writer_token, self.max_size
+        self._cap_room = None  # unknown until this transaction commits
+        with _transaction(conn):
+            if require_room and writer is not None and cap is not None:
+                pending = self._pending_of(conn, writer)
+                if pending + len(rows) > cap:
+                    raise QueueFullError(
+                        f"{len(rows)} event(s) don't fit: this process has {pending} pending of "
+                        f"max_queue_size={cap}; nothing was stored"
+                    )
+            conn.executemany(INSERT_EVENT, rows)
+            if checkpoints:
+                now = format_timestamp()
+                conn.executemany(
+                    UPSERT_CHECKPOINT, [(name, value, now) for name, value in checkpoints.items()]
+                )
+            trimmed = 0
+            if writer is not None and cap is not None:
+                pending = self._pending_of(conn, writer)
+                if pending > cap:
+                    trimmed = conn.execute(TRIM_WRITER, (writer, pending - cap)).rowcount
+        if writer is not None and cap is not None:
+            self._cap_room = cap - (pending - trimmed)
+        return int(trimmed)
+
+    @staticmethod
+    def _pending_of(conn: sqlite3.Connection, writer: int) -> int:
+        row = conn.execute(SELECT_WRITER_PENDING, (writer,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def room(self) -> int | None:
+        """How many more events this writer may queue before the cap (None: no cap)."""
+        if self.writer_token is None or self.max_size is None:
+            return None
+        with self._writing() as conn:
+            try:
+                pending = self._pending_of(conn, self.writer_token)
+            except sqlite3.DatabaseError as exc:
+                raise translate(exc, self.path) from exc
+        return self.max_size - pending
+
+    def checkpoint_value(self, name: str) -> str | None:
+        """The last committed value of checkpoint ``name`` (any process's), or None."""
+        with self._writing() as conn:
+            try:
+                row = conn.execute(SELECT_CHECKPOINT, (name,)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise translate(exc, self.path) from exc
+        return None if row is None else str(row[0])
 
     def depth(self, *, for_flusher: bool = False) -> int:
         """Events waiting in this queue, written by any process. O(1).
