@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from .errors import DurableAnalyticsError
 from .reader import QueueReader, open_reader
@@ -279,7 +279,7 @@ class _ClientSource(_Source):
         families["delivered"].add(app, float(counts["delivered"]))
         families["retried"].add(app, float(counts["retried"]))
         families["dead_lettered"].add(app, float(counts["dead_lettered"]))
-        dropped: dict[str, int] = dict(counts["dropped"])
+        dropped = cast("dict[str, int]", counts["dropped"])
         for reason in DROP_REASONS:
             families["dropped"].add((self.app_id, reason), float(dropped[reason]))
         requests = stats.requests()
@@ -326,7 +326,7 @@ def _key_of(target: Analytics | str | os.PathLike[str]) -> object:
     return id(target)
 
 
-# --- Prometheus ------------------------------------------------------------------------------------
+# --- Prometheus --------------------------------------------------------------------------------
 
 
 class PrometheusCollector:
@@ -361,7 +361,6 @@ def _to_prometheus(families: list[Family]) -> Iterator[Any]:
         GaugeMetricFamily,
         HistogramMetricFamily,
     )
-    from prometheus_client.utils import floatToGoString
 
     for family in families:
         labels = list(family.labels)
@@ -374,7 +373,7 @@ def _to_prometheus(families: list[Family]) -> Iterator[Any]:
             metric = HistogramMetricFamily(family.name, family.help, labels=labels)
         for values, value in family.samples:
             if isinstance(value, HistogramValue):
-                bounds = [floatToGoString(b) for b in value.bounds] + ["+Inf"]
+                bounds = [_number(b) for b in value.bounds] + ["+Inf"]
                 metric.add_metric(
                     list(values), list(zip(bounds, value.cumulative, strict=True)), value.sum
                 )
@@ -395,7 +394,7 @@ def _prometheus_collector(registry: CollectorRegistry | None) -> PrometheusColle
         collector = _PROMETHEUS.get(target)
         if collector is None:
             collector = _PROMETHEUS[target] = PrometheusCollector()
-            target.register(collector)  # type: ignore[arg-type]
+            target.register(collector)
         return collector
 
 
@@ -486,7 +485,7 @@ def queue_exposition(directory: str | os.PathLike[str], *, app_id: str | None = 
         return exposition(queue_families(reader))
 
 
-# --- OpenTelemetry -------------------------------------------------------------------------------
+# --- OpenTelemetry -----------------------------------------------------------------------------
 
 #: OpenTelemetry instrument names (dots, units apart), by Prometheus family key.
 OTEL_NAMES: Final = {
