@@ -168,6 +168,37 @@ def parse_created_at(text: str, seconds_cache: dict[str, float] | None = None) -
         return None
 
 
+def _latencies(rows: Sequence[_Stored], now: float) -> list[float]:
+    """``now`` minus each row's stored timestamp (rows without one are left out).
+
+    `stored_at` inlined, with the epoch of each distinct second parsed once: this runs on the
+    flusher thread for every delivered batch, holding the GIL the host's threads wait for.
+    """
+    key, skip, length = _TIMESTAMP_KEY, len(_TIMESTAMP_KEY), _TIMESTAMP_LENGTH
+    seconds: dict[str, float] = {}
+    out: list[float] = []
+    append = out.append
+    for row in rows:
+        payload = row.payload
+        start = payload.find(key)
+        if start < 0:
+            continue
+        start += skip
+        stamp = payload[start : start + length]
+        whole = seconds.get(stamp[:19])
+        if whole is None or stamp[19] != "." or stamp[-1] != "Z":
+            stored = parse_created_at(stamp, seconds)
+            if stored is None:
+                continue
+            append(now - stored)
+            continue
+        millis = stamp[20:23]
+        if not millis.isdecimal():  # what int() accepts (isdigit() lets "²" through)
+            continue
+        append(now - whole - int(millis) * 0.001)
+    return out
+
+
 class LatencyHistogram:
     """Bucket counts of delivery latencies (seconds), Prometheus-style (``le`` bounds).
 
@@ -188,11 +219,12 @@ class LatencyHistogram:
     def observe_many(self, values: Iterable[float]) -> None:
         """Add several latencies (negative ones, from a clock step, count as 0)."""
         counts = [0] * len(self._counts)
+        bounds, find = self.bounds, bisect.bisect_left
         total = 0.0
-        bounds = self.bounds
         for value in values:
-            value = max(0.0, value)
-            counts[bisect.bisect_left(bounds, value)] += 1
+            if value < 0.0:
+                value = 0.0
+            counts[find(bounds, value)] += 1
             total += value
         with self._lock:
             for i, n in enumerate(counts):
@@ -254,13 +286,7 @@ class Stats:
         histogram, listeners = self.latency, self.latency_listeners
         if histogram is None and not listeners:
             return
-        now = time.time()
-        cache: dict[str, float] = {}
-        latencies = []
-        for row in rows:
-            stored = stored_at(row.payload, cache)
-            if stored is not None:
-                latencies.append(now - stored)
+        latencies = _latencies(rows, time.time())
         if histogram is not None:
             histogram.observe_many(latencies)
         for listener in list(listeners):

@@ -22,7 +22,7 @@ from durable_analytics import Analytics, metrics
 from durable_analytics.cli import cli
 from durable_analytics.collector import Collector
 from durable_analytics.reader import open_reader
-from durable_analytics.stats import DROP_REASONS, LatencyHistogram, Stats, stored_at
+from durable_analytics.stats import DROP_REASONS, LatencyHistogram, Stats, _latencies, stored_at
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 HOUR = 3600.0
@@ -319,3 +319,9 @@ def test_stored_at_reads_the_event_timestamp_not_a_property_of_that_name() -> No
     cumulative, total = histogram.snapshot()
     assert cumulative[-1] == 1
     assert total > 0
+    # The batch path: one parse per second, each event its own milliseconds; a damaged
+    # timestamp is skipped, not guessed.
+    same_second = [payload, payload.replace(".250Z", ".500Z"), payload.replace(".250Z", ".5x0Z")]
+    now = moment.timestamp() + 10.0
+    ages = _latencies([Row(p) for p in same_second], now)
+    assert ages == [pytest.approx(10.0), pytest.approx(9.75)]
