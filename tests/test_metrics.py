@@ -325,3 +325,18 @@ def test_stored_at_reads_the_event_timestamp_not_a_property_of_that_name() -> No
     now = moment.timestamp() + 10.0
     ages = _latencies([Row(p) for p in same_second], now)
     assert ages == [pytest.approx(10.0), pytest.approx(9.75)]
+
+
+def test_the_docs_list_every_metric_and_instrument() -> None:
+    """docs/metrics.md has a table row for each Prometheus metric (with its type and labels)
+    and each OpenTelemetry instrument the code defines."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    families = list(metrics._queue_families().values()) + list(
+        metrics._client_families().values()
+    )
+    for family in families:
+        name = family.name + ("_total" if family.kind == "counter" else "")
+        row = f"| `{name}` | {family.kind} | " + ", ".join(f"`{n}`" for n in family.labels)
+        assert row in text, row
+    for name, unit in metrics.OTEL_NAMES.values():
+        assert f"| `{name}` |" in text and f"| `{unit}` |" in text, name
