@@ -331,9 +331,7 @@ def test_the_docs_list_every_metric_and_instrument() -> None:
     """docs/metrics.md has a table row for each Prometheus metric (with its type and labels)
     and each OpenTelemetry instrument the code defines."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
-    families = list(metrics._queue_families().values()) + list(
-        metrics._client_families().values()
-    )
+    families = list(metrics._queue_families().values()) + list(metrics._client_families().values())
     for family in families:
         name = family.name + ("_total" if family.kind == "counter" else "")
         row = f"| `{name}` | {family.kind} | " + ", ".join(f"`{n}`" for n in family.labels)
