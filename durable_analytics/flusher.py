@@ -399,6 +399,7 @@ class Flusher:
                 deleted = self.queue.delete(
                     [e.id for e in self._unacked], source=self._unacked[0].source
                 )
+                self.stats.acknowledged(self._unacked)  # metrics hook: delivery latency
                 self._unacked = []
                 self.stats.add("delivered", deleted)
             sent_any = False
@@ -494,6 +495,7 @@ class Flusher:
                 if rest:
                     pending.append(rest)
                 continue
+            self.stats.request_answered(decision.action.value, len(part))  # metrics hook
             ids = [event.id for event in part]
             if decision.action is Action.DELIVERED:
                 try:
@@ -505,6 +507,7 @@ class Flusher:
                 # counted as dropped (queue_full) already.
                 self.stats.add("delivered", deleted)
                 self.stats.add("batches")
+                self.stats.acknowledged(part)  # metrics hook: delivery latency
                 self._recovered()
             elif decision.action is Action.SPLIT and len(part) > 1:
                 middle = len(part) // 2

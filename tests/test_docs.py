@@ -48,6 +48,7 @@ OWN_PAGES = (
     "cli.md",
     "network.md",
     "batch-jobs.md",
+    "metrics.md",
     "changelog.md",
 )
 NORUN = "<!-- norun -->"

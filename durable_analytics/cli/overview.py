@@ -13,6 +13,7 @@ import click
 
 from ..config import ENV_PREFIX, default_persistence_dir
 from ..errors import DurableAnalyticsError
+from ..metrics import exposition, queue_families
 from ..paths import state_root
 from ..reader import QueueReader, flush_lock_held, open_reader, queue_exists
 from ._common import QueueTarget, _echo_json, _json_flag, _print_table, _queue_options, _Settings
@@ -162,12 +163,25 @@ def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> No
 @click.command()
 @_queue_options
 @_json_flag
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the queue's metrics in the Prometheus text format (node_exporter textfile).",
+)
 @click.pass_obj
-def status(settings: _Settings, /, target: QueueTarget, as_json: bool) -> None:
+def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheus: bool) -> None:
     """One queue: depth, oldest pending event, top events, dead letters, size, flusher.
 
-    Read-only: a queue that does not exist is reported (exit 3), never created.
+    Read-only: a queue that does not exist is reported (exit 3), never created. --prometheus
+    prints pending events, size, the oldest event's age and dead letters by reason as metrics
+    (docs/metrics.md), for node_exporter's textfile collector.
     """
+    if prometheus and as_json:
+        raise click.UsageError("--json and --prometheus are exclusive")
+    if prometheus:
+        with target.open(settings) as reader:
+            click.echo(exposition(queue_families(reader)), nl=False)
+        return
     with target.open(settings) as reader:
         info = _describe(reader)
         info["schema_version"] = reader.schema_version()
