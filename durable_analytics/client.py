@@ -78,6 +78,11 @@ _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 _LOG_INTERVAL = 10.0
 # After SQLite's busy_timeout, how much longer track() retries a locked queue (with jitter).
 _BUSY_RETRY_BUDGET = 0.25
+# How much longer than its budget shutdown() on the main thread waits for its helper thread
+# (the flusher's stop and the compaction come after the flush's deadline).
+_JOIN_SLACK = 0.5
+# How long shutdown() on the main thread waits for a connection in use before leaving it open.
+_CLOSE_WAIT = 0.1
 
 
 class ConsentState:
@@ -172,7 +177,8 @@ class Analytics:
         self._pending_local = 0
         self._trimmed_unlogged = 0
         self._trimmed_logged_at = -_LOG_INTERVAL
-        self._shutdown_lock = threading.Lock()
+        # Re-entrant: the host's signal handler may call shutdown() while this thread is in it.
+        self._shutdown_lock = threading.RLock()
         if config.persistence_dir is None:
             # The shared root in the temp dir must be ours too, or another user could swap
             # our app directory out from under us.
@@ -662,12 +668,17 @@ class Analytics:
         return self._queue.path
 
     def queue_depth(self) -> int:
-        """Events waiting on disk, including other processes' (O(1))."""
+        """Events waiting on disk, including other processes' (O(1)).
+
+        Safe in a signal handler: it never waits for a `track()` the handler interrupted.
+        """
         return self._queue.depth()
 
     def stats(self) -> dict[str, Any]:
         """Counters for this client: enqueued, delivered, retried, dead_lettered, dropped by reason,
-        batches, failed_requests, splits, last_error, and the shared ``queue_depth``."""
+        batches, failed_requests, splits, last_error, and the shared ``queue_depth``.
+
+        Safe in a signal handler, like `queue_depth`."""
         result = self._stats.snapshot()
         try:
             result["queue_depth"] = self._queue.depth()
@@ -701,6 +712,9 @@ class Analytics:
         Returns True when nothing queued before the call is still pending (delivered, or
         moved to ``dead_letter``), False if ``timeout`` seconds passed first or sending is
         off (``send=False``). Events not yet delivered stay on disk either way.
+
+        Safe in a signal handler that interrupted a `track()`: it reads the queue without the
+        lock that `track()` holds, and the flusher does not wait for that lock either.
         """
         try:
             if not self.config.send:
@@ -717,20 +731,47 @@ class Analytics:
         Idempotent. Returns whether everything was delivered; what wasn't stays on disk for
         the next process that opens this queue. Events recorded after shutdown are still
         written to disk, but not shipped by this client.
+
+        Safe in the application's own signal handler, even one that interrupted a `track()`
+        (signals.py says how).
         """
         with self._shutdown_lock:
             if self._closed:
                 return self._empty()
             self._closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
+        signals.unregister(self)
+        if threading.current_thread() is not threading.main_thread():
+            delivered = self._final_flush(budget)
+            self._queue.close()
+            return delivered
+        # Signal handlers run here, maybe while this thread holds the queue's locks in a
+        # track() it was interrupted in, and that can't return before we do: the work goes
+        # to a helper thread that we wait for at most the budget, and the connections are
+        # closed only if nobody holds them (else they stay open, as after any later track()).
+        outcome: list[bool] = []
+        helper = threading.Thread(
+            target=lambda: outcome.append(self._final_flush(budget)),
+            name=f"durable-analytics-shutdown[{self.config.app_id}]",
+            daemon=True,
+        )
+        try:
+            helper.start()
+        except RuntimeError:  # can't start threads any more: the interpreter is exiting
+            outcome.append(self._final_flush(budget))
+        else:
+            helper.join(budget + _JOIN_SLACK)
+        self._queue.close(timeout=_CLOSE_WAIT)
+        return bool(outcome and outcome[0])
+
+    def _final_flush(self, budget: float) -> bool:
+        """Flush within ``budget``, stop the flusher, compact if drained; True if delivered."""
         deadline = time.monotonic() + budget
         delivered = self.flush(budget) if self.config.send else self._empty()
         stopped = self._flusher.stop(max(0.0, deadline - time.monotonic()))
         if stopped and delivered:
             self._flusher.compact_if_drained()
         self._transport.close()
-        self._queue.close()
-        signals.unregister(self)
         return delivered
 
     close = shutdown
@@ -761,7 +802,7 @@ class Analytics:
         self._queue.after_fork()
         self._flusher.after_fork()
         self._stats.reset_after_fork()
-        self._shutdown_lock = threading.Lock()
+        self._shutdown_lock = threading.RLock()
         self._storage_lock = threading.Lock()
         self._pending_local = 0
 

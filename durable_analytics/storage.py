@@ -6,6 +6,11 @@ hands out the writers' connection and the flusher's, each behind its own lock an
 lazily, and notices when the path names another file than the one a connection has open.
 `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
+A third connection only reads one row at a time (`_peek`: depth, last id, head), behind a
+lock that is never held while waiting for anything else. So those reads never wait for a
+writer or the flusher: a signal handler may call them (``shutdown()``, ``stats()``) while
+the thread it interrupted holds the writers' lock inside ``track()`` (signals.py).
+
 After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
 open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
@@ -29,7 +34,8 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import filelock
 
@@ -37,6 +43,7 @@ from . import migrations
 from .errors import (
     QueueCorruptError,
     QueueMismatchError,
+    StorageBusyError,
     StorageError,
     StorageUnavailableError,
 )
@@ -143,21 +150,22 @@ _INIT_GUARD = threading.Lock()
 # How long fork() waits for a statement in progress before abandoning instead of closing.
 _FORK_WAIT = 2.0
 # Locks a forking thread took in the before hook, released in the parent after the fork.
-_HELD_FOR_FORK: dict[int, list[threading.Lock]] = {}
+_HELD_FOR_FORK: dict[int, list[Any]] = {}
 
 
 def _before_fork() -> None:
     """Close every queue's connections so the child inherits none (module docstring)."""
-    held: list[threading.Lock] = []
+    held: list[Any] = []
     for queue in list(_OPEN_QUEUES):
         if queue._pid != os.getpid():
             continue
-        taken = []
-        for lock in (queue._lock, queue._flush_lock):
+        taken: list[Any] = []
+        locks = (queue._lock, queue._flush_lock, queue._peek_lock)
+        for lock in locks:
             if not lock.acquire(timeout=_FORK_WAIT):
                 break
             taken.append(lock)
-        if len(taken) == 2:
+        if len(taken) == len(locks):
             queue._release_connections()
         held.extend(taken)
     if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
@@ -218,6 +226,7 @@ class QueueStorage:
         self._fresh_process_state()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._peeker: sqlite3.Connection | None = None
         self._closed = False
         #: True: recover from damaged, replaced and unavailable files (recovery.py).
         self.self_heal = self_heal
@@ -226,6 +235,7 @@ class QueueStorage:
         # The file each connection opened, to notice when the path names another one.
         self._writer_id: FileId | None = None
         self._reader_id: FileId | None = None
+        self._peeker_id: FileId | None = None
         self._recovered_id: FileId | None = None
         self._ready = False
         self._unavailable: StorageUnavailableError | None = None
@@ -246,6 +256,9 @@ class QueueStorage:
         """
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        # Re-entrant: a signal handler may interrupt this thread between two reads (`_peek`).
+        self._peek_lock = threading.RLock()
+        self._peeking = False
         # Every write transaction of this process on this file takes this lock, so our own
         # flusher and writers queue in Python instead of in SQLite's busy handler, which
         # sleeps for milliseconds at a time.
@@ -407,15 +420,17 @@ class QueueStorage:
                     self._defer_open(exc)
                     raise
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = True) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves (the legacy implicit BEGIN is
         # DEFERRED, which can fail with SQLITE_BUSY on upgrade). check_same_thread=False:
-        # each connection is guarded by its own lock instead.
+        # each connection is guarded by its own lock instead. create=False: a missing file
+        # is an error, not a new empty (and not private) file.
         conn = sqlite3.connect(
-            self.path,
+            self.path if create else f"file:{quote(self._path_str)}?mode=rw",
             timeout=self.busy_timeout,
             isolation_level=None,
             check_same_thread=False,
+            uri=not create,
         )
         try:
             if conn.execute(PAGE_COUNT).fetchone()[0] == 0:
@@ -436,11 +451,11 @@ class QueueStorage:
         """Forget the parent's connections and locks in a forked child (never close them)."""
         if self._pid == os.getpid():
             return
-        for conn in (self._writer, self._reader):
+        for conn in (self._writer, self._reader, self._peeker):
             if conn is not None:
                 abandon(conn)
-        self._writer = self._reader = None
-        self._writer_id = self._reader_id = None
+        self._writer = self._reader = self._peeker = None
+        self._writer_id = self._reader_id = self._peeker_id = None
         self._fresh_process_state()
 
     @contextlib.contextmanager
@@ -490,13 +505,15 @@ class QueueStorage:
             abandon(conn)
 
     def _release_connections(self) -> None:
-        """Close both connections (the caller holds both locks); they reopen lazily."""
+        """Close every connection (the caller holds their locks); they reopen lazily."""
         if self._writer is not None:
             self._release(self._writer, self._writer_id)
         if self._reader is not None:
             self._release(self._reader, self._reader_id)
-        self._writer = self._reader = None
-        self._writer_id = self._reader_id = None
+        if self._peeker is not None:
+            self._release(self._peeker, self._peeker_id)
+        self._writer = self._reader = self._peeker = None
+        self._writer_id = self._reader_id = self._peeker_id = None
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._open_connection()
@@ -530,6 +547,66 @@ class QueueStorage:
                 self._reader_id = file_identity(self._path_str)
             yield conn
 
+    def _peek(self, sql: str) -> Any:
+        """The first row of a read-only query (None if none), on the reading connection.
+
+        Never waits for the writers' or the flusher's lock (module docstring), except once
+        when the file must be opened or was replaced: the writers' path re-creates it, and
+        that wait is bounded by ``busy_timeout``. A handler that interrupted this very thread
+        in the middle of a read (its statement still open, so its snapshot still held) reads
+        on a connection of its own, or it would keep seeing that old snapshot.
+        """
+        self._check_fork()
+        with self._peek_lock:
+            if self._peeking:
+                return self._peek_apart(sql)
+            self._peeking = True
+            try:
+                conn = self._peek_connection()
+                try:
+                    return conn.execute(sql).fetchone()
+                except sqlite3.DatabaseError as exc:
+                    raise translate(exc, self.path) from exc
+            finally:
+                self._peeking = False
+
+    def _peek_connection(self) -> sqlite3.Connection:
+        """The reading connection (the caller holds ``_peek_lock``), on the file at the path."""
+        current = file_identity(self._path_str)
+        if self._peeker is not None and current == self._peeker_id:
+            return self._peeker
+        if not self._ready or current is None or current not in (self._writer_id, self._reader_id):
+            # Not a file the writers or the flusher have opened (and checked, recovered or
+            # created): let the writers' path do that first.
+            if not self._lock.acquire(timeout=self.busy_timeout):
+                raise StorageBusyError(f"{self.path} is busy", path=self._path_str)
+            try:
+                self._writer_connection()
+            finally:
+                self._lock.release()
+        if self._peeker is not None:
+            self._release(self._peeker, self._peeker_id)
+            self._peeker = None
+        conn = self._connect_existing()
+        self._peeker, self._peeker_id = conn, file_identity(self._path_str)
+        return conn
+
+    def _peek_apart(self, sql: str) -> Any:
+        """`_peek` on a connection of its own, closed after the read."""
+        conn = self._connect_existing()
+        try:
+            return conn.execute(sql).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+        finally:
+            conn.close()
+
+    def _connect_existing(self) -> sqlite3.Connection:
+        try:
+            return self._connect(create=False)
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+
     def _open_connection(self) -> sqlite3.Connection:
         self._closed = False
         try:
@@ -539,11 +616,27 @@ class QueueStorage:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close this process's connections. Idempotent; the queue reopens lazily if used again."""
+    def close(self, *, timeout: float | None = None) -> bool:
+        """Close this process's connections. Idempotent; the queue reopens lazily if used again.
+
+        ``timeout``: wait at most that long for a connection in use, then close nothing and
+        return False (the connections stay open, as if used again). For a caller that may be
+        a signal handler which interrupted the very thread using one.
+        """
         if self._pid != os.getpid():
             self.after_fork()
-            return
-        with self._lock, self._flush_lock:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken: list[Any] = []
+        try:
+            for lock in (self._lock, self._flush_lock, self._peek_lock):
+                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not lock.acquire(timeout=wait):
+                    return False
+                taken.append(lock)
             self._release_connections()
             self._closed = True
+            return True
+        finally:
+            for lock in reversed(taken):
+                lock.release()
