@@ -197,10 +197,12 @@ def _flush_then_resend(signum: int, clients: list[Analytics]) -> None:
                 "undelivered events stay on disk",
                 budget,
             )
-        if _phase is _FLUSHING:
+        if _phase is _FLUSHING and signal.getsignal(signum) is _handle:
             _phase = _RESEND
             os.kill(os.getpid(), signum)
-        else:  # a second signal was chained meanwhile: it was handled already
+        else:
+            # A second signal was chained meanwhile (it was handled already), or another
+            # handler replaced ours since: it must not get a signal nobody sent.
             _phase = _IDLE
 
 
