@@ -740,10 +740,10 @@ class Analytics:
                 return self._empty()
             self._closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
-        signals.unregister(self)
         if threading.current_thread() is not threading.main_thread():
             delivered = self._final_flush(budget)
             self._queue.close()
+            signals.unregister(self)
             return delivered
         # Signal handlers run here, maybe while this thread holds the queue's locks in a
         # track() it was interrupted in, and that can't return before we do: the work goes
@@ -762,6 +762,7 @@ class Analytics:
         else:
             helper.join(budget + _JOIN_SLACK)
         self._queue.close(timeout=_CLOSE_WAIT)
+        signals.unregister(self)
         return bool(outcome and outcome[0])
 
     def _final_flush(self, budget: float) -> bool:

@@ -27,8 +27,9 @@ thread only moves the wait there. So our handler:
 The same rule holds for the application's own handler calling our API (P8 in RELIABILITY.md):
 
 - ``queue_depth()``, ``stats()`` and the reads of ``flush()`` use a third, read-only
-  connection whose lock is never held while waiting for another (storage.py), so they never
-  wait for the interrupted ``track()``.
+  connection with a lock of its own (storage.py), so they never wait for the interrupted
+  ``track()``. (Only opening it, once, or after the file was replaced, goes through the
+  writers' lock, bounded by ``busy_timeout``.)
 - The flusher's own writes (deleting what was delivered) wait for the in-process write lock
   at most 0.2 s, then go ahead under SQLite's file lock alone (`SQLiteQueue._write_locked`):
   its holder may be suspended in the very handler that waits for this flush. An interrupted

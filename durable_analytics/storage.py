@@ -7,9 +7,9 @@ lazily, and notices when the path names another file than the one a connection h
 `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
 A third connection only reads one row at a time (`_peek`: depth, last id, head), behind a
-lock that is never held while waiting for anything else. So those reads never wait for a
-writer or the flusher: a signal handler may call them (``shutdown()``, ``stats()``) while
-the thread it interrupted holds the writers' lock inside ``track()`` (signals.py).
+lock of its own. Once that connection is open, those reads wait for no writer and no flusher:
+a signal handler may call them (``shutdown()``, ``stats()``) while the thread it interrupted
+holds the writers' lock inside ``track()`` (signals.py).
 
 After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
