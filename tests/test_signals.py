@@ -267,7 +267,10 @@ def test_shutdown_from_the_applications_own_handler_inside_track_does_not_deadlo
     """The application's SIGTERM handler calls shutdown() and exits, and the signal lands
     while the main thread is inside track() holding the queue's locks: shutdown must not wait
     for them. The process exits, and every event it tracked is delivered or still on disk."""
-    worker = start(workers, "host", queue_dir, collector.url, 0, SHUTDOWN_TIMEOUT="3")
+    # durability="power": each commit syncs, so the signal lands inside the lock most times.
+    worker = start(
+        workers, "host", queue_dir, collector.url, 0, SHUTDOWN_TIMEOUT="3", DURABILITY="power"
+    )
     worker.wait_ready()
     time.sleep(random.Random(seed).uniform(0.0, 0.1))  # a random point in the loop, by design
     worker.signal(signal.SIGTERM)
@@ -301,7 +304,7 @@ def test_flush_stats_and_depth_from_a_signal_handler_inside_track_do_not_deadloc
 ) -> None:
     """An application's handler calls stats(), queue_depth() and flush() while the main
     thread is inside track(): each signal is handled (no deadlock), and the flush ships."""
-    worker = start(workers, "inspect", queue_dir, collector.url, 0)
+    worker = start(workers, "inspect", queue_dir, collector.url, 0, DURABILITY="power")
     worker.wait_ready()
     lines = worker.read_lines()
     for _ in range(8):

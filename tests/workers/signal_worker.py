@@ -22,7 +22,7 @@ signal handler or the atexit hook. Prints {"ids": [...]} and "ready", then per M
 - thread:   creates the client in a non-main thread and prints whether SIGTERM's handler
             changed ("changed" / "unchanged").
 
-SHUTDOWN_TIMEOUT and REQUEST_TIMEOUT environment variables tune the client.
+SHUTDOWN_TIMEOUT, REQUEST_TIMEOUT and DURABILITY environment variables tune the client.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def make_client(directory: str, url: str) -> Analytics:
         request_timeout=float(os.environ.get("REQUEST_TIMEOUT", "5")),
         retry_base_delay=0.01,
         retry_max_delay=0.05,
+        durability="power" if os.environ.get("DURABILITY") == "power" else "process",
     )
 
 
