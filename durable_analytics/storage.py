@@ -6,10 +6,12 @@ hands out the writers' connection and the flusher's, each behind its own lock an
 lazily, and notices when the path names another file than the one a connection has open.
 `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
-A third connection only reads one row at a time (`_peek`: depth, last id, head), behind a
-lock of its own. Once that connection is open, those reads wait for no writer and no flusher:
-a signal handler may call them (``shutdown()``, ``stats()``) while the thread it interrupted
-holds the writers' lock inside ``track()`` (signals.py).
+Two more connections only read one row at a time (`_peek`: depth, last id, head), one for
+the main thread and one for all others, each behind a lock of its own. Once open, they wait
+for no writer and no flusher, and no other thread ever waits for the main thread's: signal
+handlers run in the main thread, and may call these reads (``shutdown()``, ``stats()``) while
+the frame they interrupted holds the writers' lock inside ``track()``, or is itself in the
+middle of such a read (signals.py).
 
 After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
@@ -160,12 +162,12 @@ def _before_fork() -> None:
         if queue._pid != os.getpid():
             continue
         taken: list[Any] = []
-        locks = (queue._lock, queue._flush_lock, queue._peek_lock)
+        locks = (queue._lock, queue._flush_lock, *(slot.lock for slot in queue._read_slots))
         for lock in locks:
             if not lock.acquire(timeout=_FORK_WAIT):
                 break
             taken.append(lock)
-        if len(taken) == len(locks):
+        if len(taken) == len(locks) and not any(slot.busy for slot in queue._read_slots):
             queue._release_connections()
         held.extend(taken)
     if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
@@ -192,6 +194,18 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+
+
+class _ReadSlot:
+    """One of `QueueStorage._peek`'s connections, its lock, and whether a read is using it."""
+
+    __slots__ = ("busy", "conn", "file_id", "lock")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.conn: sqlite3.Connection | None = None
+        self.file_id: FileId | None = None
+        self.busy = False
 
 
 class QueueStorage:
@@ -226,7 +240,6 @@ class QueueStorage:
         self._fresh_process_state()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._peeker: sqlite3.Connection | None = None
         self._closed = False
         #: True: recover from damaged, replaced and unavailable files (recovery.py).
         self.self_heal = self_heal
@@ -235,7 +248,6 @@ class QueueStorage:
         # The file each connection opened, to notice when the path names another one.
         self._writer_id: FileId | None = None
         self._reader_id: FileId | None = None
-        self._peeker_id: FileId | None = None
         self._recovered_id: FileId | None = None
         self._ready = False
         self._unavailable: StorageUnavailableError | None = None
@@ -256,9 +268,9 @@ class QueueStorage:
         """
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        # Re-entrant: a signal handler may interrupt this thread between two reads (`_peek`).
-        self._peek_lock = threading.RLock()
-        self._peeking = False
+        # `_peek`'s connections: [0] for other threads, [1] for the main thread, whose lock
+        # is re-entrant because a signal handler may interrupt it in the middle of a read.
+        self._read_slots = (_ReadSlot(threading.Lock()), _ReadSlot(threading.RLock()))
         # Every write transaction of this process on this file takes this lock, so our own
         # flusher and writers queue in Python instead of in SQLite's busy handler, which
         # sleeps for milliseconds at a time.
@@ -451,11 +463,11 @@ class QueueStorage:
         """Forget the parent's connections and locks in a forked child (never close them)."""
         if self._pid == os.getpid():
             return
-        for conn in (self._writer, self._reader, self._peeker):
+        for conn in (self._writer, self._reader, *(slot.conn for slot in self._read_slots)):
             if conn is not None:
                 abandon(conn)
-        self._writer = self._reader = self._peeker = None
-        self._writer_id = self._reader_id = self._peeker_id = None
+        self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
         self._fresh_process_state()
 
     @contextlib.contextmanager
@@ -510,10 +522,12 @@ class QueueStorage:
             self._release(self._writer, self._writer_id)
         if self._reader is not None:
             self._release(self._reader, self._reader_id)
-        if self._peeker is not None:
-            self._release(self._peeker, self._peeker_id)
-        self._writer = self._reader = self._peeker = None
-        self._writer_id = self._reader_id = self._peeker_id = None
+        for slot in self._read_slots:
+            if slot.conn is not None:
+                self._release(slot.conn, slot.file_id)
+            slot.conn = slot.file_id = None
+        self._writer = self._reader = None
+        self._writer_id = self._reader_id = None
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._open_connection()
@@ -548,33 +562,34 @@ class QueueStorage:
             yield conn
 
     def _peek(self, sql: str) -> Any:
-        """The first row of a read-only query (None if none), on the reading connection.
+        """The first row of a read-only query (None if none), on a reading connection.
 
-        Never waits for the writers' or the flusher's lock (module docstring), except once
-        when the file must be opened or was replaced: the writers' path re-creates it, and
-        that wait is bounded by ``busy_timeout``. A handler that interrupted this very thread
-        in the middle of a read (its statement still open, so its snapshot still held) reads
-        on a connection of its own, or it would keep seeing that old snapshot.
+        Never waits for the writers' or the flusher's lock (module docstring), except when
+        the file must be opened or was replaced: the writers' path re-creates it, and that
+        wait is bounded by ``busy_timeout``. A handler that interrupted the main thread in
+        the middle of a read (its statement still open, so its snapshot still held) reads on
+        a connection of its own, or it would keep seeing that old snapshot.
         """
         self._check_fork()
-        with self._peek_lock:
-            if self._peeking:
+        slot = self._read_slots[threading.current_thread() is threading.main_thread()]
+        with slot.lock:
+            if slot.busy:
                 return self._peek_apart(sql)
-            self._peeking = True
+            slot.busy = True
             try:
-                conn = self._peek_connection()
+                conn = self._slot_connection(slot)
                 try:
                     return conn.execute(sql).fetchone()
                 except sqlite3.DatabaseError as exc:
                     raise translate(exc, self.path) from exc
             finally:
-                self._peeking = False
+                slot.busy = False
 
-    def _peek_connection(self) -> sqlite3.Connection:
-        """The reading connection (the caller holds ``_peek_lock``), on the file at the path."""
+    def _slot_connection(self, slot: _ReadSlot) -> sqlite3.Connection:
+        """``slot``'s connection (the caller holds its lock), on the file at the path."""
         current = file_identity(self._path_str)
-        if self._peeker is not None and current == self._peeker_id:
-            return self._peeker
+        if slot.conn is not None and current == slot.file_id:
+            return slot.conn
         if not self._ready or current is None or current not in (self._writer_id, self._reader_id):
             # Not a file the writers or the flusher have opened (and checked, recovered or
             # created): let the writers' path do that first.
@@ -584,11 +599,11 @@ class QueueStorage:
                 self._writer_connection()
             finally:
                 self._lock.release()
-        if self._peeker is not None:
-            self._release(self._peeker, self._peeker_id)
-            self._peeker = None
+        if slot.conn is not None:
+            self._release(slot.conn, slot.file_id)
+            slot.conn = None
         conn = self._connect_existing()
-        self._peeker, self._peeker_id = conn, file_identity(self._path_str)
+        slot.conn, slot.file_id = conn, file_identity(self._path_str)
         return conn
 
     def _peek_apart(self, sql: str) -> Any:
@@ -629,11 +644,13 @@ class QueueStorage:
         deadline = None if timeout is None else time.monotonic() + timeout
         taken: list[Any] = []
         try:
-            for lock in (self._lock, self._flush_lock, self._peek_lock):
+            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
                 wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
                 if not lock.acquire(timeout=wait):
                     return False
                 taken.append(lock)
+            if any(slot.busy for slot in self._read_slots):
+                return False  # a read this thread was interrupted in (re-entrant lock)
             self._release_connections()
             self._closed = True
             return True

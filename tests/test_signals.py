@@ -303,11 +303,12 @@ def test_flush_stats_and_depth_from_a_signal_handler_inside_track_do_not_deadloc
     workers: list[Worker], queue_dir: Path, collector: Collector
 ) -> None:
     """An application's handler calls stats(), queue_depth() and flush() while the main
-    thread is inside track(): each signal is handled (no deadlock), and the flush ships."""
+    thread is inside track() or stats(): each signal is handled (no deadlock, not even with
+    the flusher's own reads), and the flush ships."""
     worker = start(workers, "inspect", queue_dir, collector.url, 0, DURABILITY="power")
     worker.wait_ready()
     lines = worker.read_lines()
-    for _ in range(8):
+    for _ in range(20):
         worker.signal(signal.SIGUSR1)
         assert lines.get(timeout=15) == "handled"
     assert collector.event_count > 0

@@ -15,9 +15,9 @@ signal handler or the atexit hook. Prints {"ids": [...]} and "ready", then per M
 - host:     like busy, but the application's own SIGTERM handler (installed after the client,
             replacing ours) calls ``shutdown()``, prints {"tracked": N} (the number of track()
             calls that returned) and exits with status 0. Events carry properties {"n": i}.
-- inspect:  like busy, with a SIGUSR1 handler that calls stats(), queue_depth() and flush()
-            (no timeout) and prints "handled"; SIGTERM as in host. Prints "ready" once the
-            loop has tracked 100 events (busy prints it before the loop).
+- inspect:  like host, but the loop also calls stats() after each track(), and a SIGUSR1
+            handler calls stats(), queue_depth() and flush() (no timeout) and prints
+            "handled". host and inspect print "ready" once the loop has tracked 100 events.
 - exit:     returns at once (the atexit flush ships).
 - thread:   creates the client in a non-main thread and prints whether SIGTERM's handler
             changed ("changed" / "unchanged").
@@ -67,11 +67,13 @@ class Loop:
         self.client = client
         self.tracked = 0
 
-    def run(self) -> None:
+    def run(self, *, inspect: bool = False) -> None:
         client = self.client
         while True:
             client.track("u", "busy", {"n": self.tracked})
             self.tracked += 1
+            if inspect:
+                client.stats()  # a handler may interrupt this read too
             if self.tracked == 100:
                 say("ready")
 
@@ -116,7 +118,7 @@ def main() -> None:
         signal.signal(signal.SIGTERM, loop.shutdown_and_exit)
         if mode == "inspect":
             signal.signal(signal.SIGUSR1, loop.inspect)
-        loop.run()
+        loop.run(inspect=mode == "inspect")
     say("ready")
     if mode == "busy":
         n = 0
