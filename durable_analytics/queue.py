@@ -2,11 +2,11 @@
 
 Writers (`append`) and the flusher use separate connections, each behind its own lock, so a
 slow flusher never blocks `track()` beyond SQLite's own write lock, which is held for one
-small transaction at a time. Depth, last id and head are read on a third connection that
-waits for neither (storage.py): a signal handler may read them while the thread it
-interrupted holds the writers' lock. The flusher reads a batch with ``fetchall()`` and so
-ends its read transaction before any network I/O: a read transaction held across an HTTP
-request would keep the WAL from being checkpointed and let it grow without bound.
+small transaction at a time. Depth, last id and head are read on connections that wait for
+neither (storage.py): a signal handler may read them while the thread it interrupted holds
+the writers' lock. The flusher reads a batch with ``fetchall()`` and so ends its read
+transaction before any network I/O: a read transaction held across an HTTP request would
+keep the WAL from being checkpointed and let it grow without bound.
 
 Ids come from ``INTEGER PRIMARY KEY AUTOINCREMENT`` and are never reused, and deletes name
 exactly the ids that were delivered, so a slow or duplicate flusher can never delete a newer,

@@ -26,10 +26,12 @@ thread only moves the wait there. So our handler:
 
 The same rule holds for the application's own handler calling our API (P8 in RELIABILITY.md):
 
-- ``queue_depth()``, ``stats()`` and the reads of ``flush()`` use a third, read-only
-  connection with a lock of its own (storage.py), so they never wait for the interrupted
-  ``track()``. (Only opening it, once, or after the file was replaced, goes through the
-  writers' lock, bounded by ``busy_timeout``.)
+- ``queue_depth()``, ``stats()`` and the reads of ``flush()`` and of the flusher use reading
+  connections of their own (storage.py): one for the main thread, one for the others, so no
+  thread waits for a lock the interrupted frame holds, be it in ``track()`` or in one of
+  these reads. (Only opening them, once, or after the file was replaced, goes through the
+  writers' lock, bounded by ``busy_timeout``.) The flusher is not waited for when the
+  interrupted frame was starting it.
 - The flusher's own writes (deleting what was delivered) wait for the in-process write lock
   at most 0.2 s, then go ahead under SQLite's file lock alone (`SQLiteQueue._write_locked`):
   its holder may be suspended in the very handler that waits for this flush. An interrupted
@@ -41,6 +43,11 @@ The same rule holds for the application's own handler calling our API (P8 in REL
   connections only if nobody holds them (``track()`` may: they then stay open until exit).
   So a handler that calls ``shutdown()`` then exits ships what is queued, and returns within
   ``shutdown_timeout`` even if the server hangs.
+- Measured on a main thread tracking in a tight loop (durability="power", so the signal lands
+  inside the queue's lock most times; tests/test_signals.py): before this design 6 of 8 such
+  handlers hung and our own handler delivered nothing on 6 of 6 SIGTERMs; now the handler's
+  ``shutdown()`` delivers every event in 0.2-0.6 s (0.2 s of it is the write lock's patience
+  when the signal landed inside it), and our handler ships the backlog within the budget.
 
 Other rules the handler keeps:
 
