@@ -111,6 +111,11 @@ _NOT_CONFIG = frozenset(
 )
 # After SQLite's busy_timeout, how much longer track() retries a locked queue (with jitter).
 _BUSY_RETRY_BUDGET = 0.25
+# How much longer than its budget shutdown() on the main thread waits for its helper thread
+# (the flusher's stop and the compaction come after the flush's deadline).
+_JOIN_SLACK = 0.5
+# How long shutdown() on the main thread waits for a connection in use before leaving it open.
+_CLOSE_WAIT = 0.1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,7 +217,8 @@ class Analytics(EventMethods):
         self._pending_local = 0
         self._trimmed_unlogged = 0
         self._trimmed_logged_at = -_LOG_INTERVAL
-        self._shutdown_lock = threading.Lock()
+        # Re-entrant: the host's signal handler may call shutdown() while this thread is in it.
+        self._shutdown_lock = threading.RLock()
         if config.persistence_dir is None:
             # The shared root in the temp dir must be ours too, or another user could swap
             # our app directory out from under us.
@@ -605,6 +611,19 @@ class Analytics(EventMethods):
             self._trimmed_logged_at = now
         self._log_trimmed(count, "since the last warning")
 
+    def _report_unlogged_trims(self) -> None:
+        """At shutdown: log the queue_full drops no rate-limited warning reported yet."""
+        # Not waiting: shutdown may run in a helper thread while the main thread, interrupted
+        # by a signal, holds this lock.
+        if not self._storage_lock.acquire(timeout=0.1):
+            return
+        try:
+            unreported, self._trimmed_unlogged = self._trimmed_unlogged, 0
+        finally:
+            self._storage_lock.release()
+        if unreported:
+            self._log_trimmed(unreported, "since the last warning (reported at shutdown)")
+
     def _log_trimmed(self, count: int, when: str) -> None:
         logger.warning(
             "durable_analytics: queue full (max_queue_size=%d): dropped the %d oldest "
@@ -654,12 +673,16 @@ class Analytics(EventMethods):
         return self._queue.path
 
     def queue_depth(self) -> int:
-        """Events waiting on disk, including other processes' (O(1))."""
+        """Events waiting on disk, including other processes' (O(1)).
+
+        Safe in a signal handler: it never waits for a `track()` the handler interrupted.
+        """
         return self._queue.depth()
 
     def stats(self) -> StatsSnapshot:
         """This client's counters and the shared ``queue_depth`` (`StatsSnapshot` documents
-        every key; docs/delivery.md has the table)."""
+        every key; docs/delivery.md has the table). Safe in a signal handler, like
+        `queue_depth`."""
         try:
             depth: int | None = self._queue.depth()
         except StorageError:
@@ -692,6 +715,9 @@ class Analytics(EventMethods):
         Returns True when nothing queued before the call is still pending (delivered, or
         moved to ``dead_letter``), False if ``timeout`` seconds passed first or sending is
         off (``send=False``). Events not yet delivered stay on disk either way.
+
+        Safe in a signal handler that interrupted a `track()`: it reads the queue without the
+        lock that `track()` holds, and the flusher does not wait for that lock either.
         """
         try:
             if not self.config.send:
@@ -708,12 +734,42 @@ class Analytics(EventMethods):
         Idempotent. Returns whether everything was delivered; what wasn't stays on disk for
         the next process that opens this queue. After it, the event methods raise
         `ClosedError` and write nothing.
+
+        Safe in the application's own signal handler, even one that interrupted a `track()`
+        (signals.py says how).
         """
         with self._shutdown_lock:
             if self._closed:
                 return self._empty()
             self._closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
+        if threading.current_thread() is not threading.main_thread():
+            delivered = self._final_flush(budget)
+            self._queue.close()
+            signals.unregister(self)
+            return delivered
+        # Signal handlers run here, maybe while this thread holds the queue's locks in a
+        # track() it was interrupted in, and that can't return before we do: the work goes
+        # to a helper thread that we wait for at most the budget, and the connections are
+        # closed only if nobody holds them (else they stay open, as after any later track()).
+        outcome: list[bool] = []
+        helper = threading.Thread(
+            target=lambda: outcome.append(self._final_flush(budget)),
+            name=f"durable-analytics-shutdown[{self.config.app_id}]",
+            daemon=True,
+        )
+        try:
+            helper.start()
+        except RuntimeError:  # can't start threads any more: the interpreter is exiting
+            outcome.append(self._final_flush(budget))
+        else:
+            helper.join(budget + _JOIN_SLACK)
+        self._queue.close(timeout=_CLOSE_WAIT)
+        signals.unregister(self)
+        return bool(outcome and outcome[0])
+
+    def _final_flush(self, budget: float) -> bool:
+        """Flush within ``budget``, stop the flusher, compact if drained; True if delivered."""
         deadline = time.monotonic() + budget
         # No request may outlive the deadline: its batch would be sent again by the next process.
         self._flusher.finish_by(deadline)
@@ -722,12 +778,7 @@ class Analytics(EventMethods):
         if stopped and delivered:
             self._flusher.compact_if_drained()
         self._transport.close()
-        self._queue.close()
-        signals.unregister(self)
-        with self._storage_lock:
-            unreported, self._trimmed_unlogged = self._trimmed_unlogged, 0
-        if unreported:
-            self._log_trimmed(unreported, "since the last warning (reported at shutdown)")
+        self._report_unlogged_trims()
         return delivered
 
     close = shutdown
@@ -758,7 +809,7 @@ class Analytics(EventMethods):
         self._queue.after_fork()
         self._flusher.after_fork()
         self._stats.reset_after_fork()
-        self._shutdown_lock = threading.Lock()
+        self._shutdown_lock = threading.RLock()
         self._storage_lock = threading.Lock()
         self._pending_local = 0
 

@@ -189,13 +189,20 @@ class Flusher:
             return
         if self._pid != os.getpid():
             self._reset_threading_state()
-        with self._start_lock:
+        if not self._start_lock.acquire(blocking=False):
+            # Another call is starting it right now: maybe this thread's own, interrupted
+            # (Thread.start() waits) by a signal handler that flushes: it must not wait for
+            # itself (signals.py).
+            return
+        try:
             if self._thread is not None and self._thread.is_alive():
                 return
             if self._stop.is_set():
                 return
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
+        finally:
+            self._start_lock.release()
 
     def wake(self, *, urgent: bool = False) -> None:
         """Ask the thread to send now (``urgent``: even while our own backoff runs)."""

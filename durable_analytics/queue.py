@@ -2,9 +2,11 @@
 
 Writers (`append`) and the flusher use separate connections, each behind its own lock, so a
 slow flusher never blocks `track()` beyond SQLite's own write lock, which is held for one
-small transaction at a time. The flusher reads a batch with ``fetchall()`` and so ends its read
-transaction before any network I/O: a read transaction held across an HTTP request would keep
-the WAL from being checkpointed and let it grow without bound.
+small transaction at a time. Depth, last id and head are read on connections that wait for
+neither (storage.py): a signal handler may read them while the thread it interrupted holds
+the writers' lock. The flusher reads a batch with ``fetchall()`` and so ends its read
+transaction before any network I/O: a read transaction held across an HTTP request would
+keep the WAL from being checkpointed and let it grow without bound.
 
 Ids come from ``INTEGER PRIMARY KEY AUTOINCREMENT`` and are never reused, and deletes name
 exactly the ids that were delivered, so a slow or duplicate flusher can never delete a newer,
@@ -111,6 +113,9 @@ BEGIN: Final = "BEGIN IMMEDIATE"
 
 # Most events one group commit writes; later waiters form the next group.
 _GROUP_COMMIT_MAX: Final = 512
+# How long the flusher's writes wait for the in-process write lock (see _write_locked). A
+# group commit holds it for milliseconds.
+_WRITE_LOCK_PATIENCE: Final = 0.2
 
 
 class _Waiting:
@@ -202,6 +207,8 @@ class SQLiteQueue(QueueStorage):
     def _fresh_process_state(self) -> None:
         # Appends queued by the parent's threads: nobody in this process waits for them.
         self._pending: collections.deque[_Pending] = collections.deque()
+        # The write lock's holder did not let go within _WRITE_LOCK_PATIENCE (_write_locked).
+        self._write_lock_stuck = False
         super()._fresh_process_state()
 
     # --- the caller's side ----------------------------------------------------------------
@@ -440,11 +447,7 @@ class SQLiteQueue(QueueStorage):
 
     def head(self) -> tuple[int, str] | None:
         """(id, created_at) of the oldest pending event, or None when the queue is empty."""
-        with self._writing() as conn:
-            try:
-                row = conn.execute(SELECT_HEAD).fetchone()
-            except sqlite3.DatabaseError as exc:
-                raise translate(exc, self.path) from exc
+        row = self._peek(SELECT_HEAD)
         return None if row is None else (int(row[0]), str(row[1]))
 
     def dead_letter_count(self) -> int:
@@ -452,7 +455,9 @@ class SQLiteQueue(QueueStorage):
         return int(self._read_one(COUNT_DEAD_LETTERS))
 
     def _read_one(self, sql: str, *, for_flusher: bool = False) -> Any:
-        with self._flushing() if for_flusher else self._writing() as conn:
+        if not for_flusher:
+            return self._peek(sql)[0]
+        with self._flushing() as conn:
             try:
                 return conn.execute(sql).fetchone()[0]
             except sqlite3.DatabaseError as exc:
@@ -593,7 +598,7 @@ class SQLiteQueue(QueueStorage):
             if self._moved(source):
                 return 0
             try:
-                with self._write_lock:
+                with self._write_locked():
                     # Autocommit: a single statement is its own transaction, and it takes the
                     # write lock when it starts (with the busy handler), as BEGIN IMMEDIATE
                     # would; it saves the BEGIN and COMMIT round trips on every batch.
@@ -609,10 +614,29 @@ class SQLiteQueue(QueueStorage):
         body or at COMMIT rolls back and is raised as our `StorageError`.
         """
         try:
-            with self._write_lock, _transaction(conn):
+            with self._write_locked(), _transaction(conn):
                 yield
         except sqlite3.DatabaseError as exc:
             raise translate(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def _write_locked(self) -> Iterator[None]:
+        """The in-process write lock for all writes but `append`, waited for a bounded time.
+
+        Its holder may be the main thread, suspended in a signal handler that waits for this
+        very flush (signals.py): it can't release the lock before the handler returns. The
+        lock only spares our own threads SQLite's busy handler; SQLite's file lock still
+        serialises every write. So after `_WRITE_LOCK_PATIENCE` the write goes ahead without
+        it, and until the lock is seen free again later writes don't wait for it at all.
+        """
+        patience = 0.0 if self._write_lock_stuck else _WRITE_LOCK_PATIENCE
+        held = self._write_lock.acquire(timeout=patience)
+        self._write_lock_stuck = not held
+        try:
+            yield
+        finally:
+            if held:
+                self._write_lock.release()
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database, and make the next write start it over.
@@ -628,7 +652,7 @@ class SQLiteQueue(QueueStorage):
         with self._flushing() as conn, self._upkeep("checkpoint of %s skipped: %s"):
             _, frames, copied = conn.execute(CHECKPOINT_PASSIVE).fetchone()
             if frames > copied:
-                with self._write_lock, self._short_busy_timeout(conn):
+                with self._write_locked(), self._short_busy_timeout(conn):
                     conn.execute(CHECKPOINT_RESTART).fetchall()
 
     @contextlib.contextmanager
@@ -694,11 +718,11 @@ class SQLiteQueue(QueueStorage):
             while free_pages and rounds:
                 # In chunks, each its own short write transaction, so that a large
                 # backlog's pages don't hold every writer for a second.
-                with self._write_lock:
+                with self._write_locked():
                     conn.executescript(INCREMENTAL_VACUUM.format(pages=_VACUUM_CHUNK))
                 (free_pages,) = conn.execute(FREELIST_COUNT).fetchone()
                 rounds -= 1
-            with self._write_lock, self._short_busy_timeout(conn):
+            with self._write_locked(), self._short_busy_timeout(conn):
                 conn.execute(CHECKPOINT_TRUNCATE).fetchall()
 
     # --- dead letters (CLI and operators) ---------------------------------------------------

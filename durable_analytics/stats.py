@@ -252,7 +252,8 @@ class Stats:
     """Thread-safe counters (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler calling stats() may have interrupted this thread here.
+        self._lock = threading.RLock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self._requests = dict.fromkeys(REQUEST_OUTCOMES, 0)
@@ -319,7 +320,7 @@ class Stats:
 
     def reset_after_fork(self) -> None:
         """A forked child gets a fresh lock (the parent's may have been held at fork time)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         if self.latency is not None:
             self.latency.reset_after_fork()
 

@@ -6,6 +6,13 @@ hands out the writers' connection and the flusher's, each behind its own lock an
 lazily, and notices when the path names another file than the one a connection has open.
 `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
+Two more connections only read one row at a time (`_peek`: depth, last id, head), one for
+the main thread and one for all others, each behind a lock of its own. Once open, they wait
+for no writer and no flusher, and no other thread ever waits for the main thread's: signal
+handlers run in the main thread, and may call these reads (``shutdown()``, ``stats()``) while
+the frame they interrupted holds the writers' lock inside ``track()``, or is itself in the
+middle of such a read (signals.py).
+
 After ``fork()`` the child must neither use nor close the parent's connections (SQLite's
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
 open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
@@ -30,7 +37,8 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
+from urllib.parse import quote
 
 import filelock
 
@@ -38,6 +46,7 @@ from . import migrations
 from .errors import (
     QueueCorruptError,
     QueueMismatchError,
+    StorageBusyError,
     StorageError,
     StorageUnavailableError,
 )
@@ -138,21 +147,22 @@ _INIT_GUARD = threading.Lock()
 # How long fork() waits for a statement in progress before abandoning instead of closing.
 _FORK_WAIT = 2.0
 # Locks a forking thread took in the before hook, released in the parent after the fork.
-_HELD_FOR_FORK: dict[int, list[threading.Lock]] = {}
+_HELD_FOR_FORK: dict[int, list[Any]] = {}
 
 
 def _before_fork() -> None:
     """Close every queue's connections so the child inherits none (module docstring)."""
-    held: list[threading.Lock] = []
+    held: list[Any] = []
     for queue in list(_OPEN_QUEUES):
         if queue._pid != os.getpid():
             continue
-        taken = []
-        for lock in (queue._lock, queue._flush_lock):
+        taken: list[Any] = []
+        locks = (queue._lock, queue._flush_lock, *(slot.lock for slot in queue._read_slots))
+        for lock in locks:
             if not lock.acquire(timeout=_FORK_WAIT):
                 break
             taken.append(lock)
-        if len(taken) == 2:
+        if len(taken) == len(locks) and not any(slot.busy for slot in queue._read_slots):
             queue._release_connections()
         held.extend(taken)
     if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
@@ -179,6 +189,18 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+
+
+class _ReadSlot:
+    """One of `QueueStorage._peek`'s connections, its lock, and whether a read is using it."""
+
+    __slots__ = ("busy", "conn", "file_id", "lock")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.conn: sqlite3.Connection | None = None
+        self.file_id: FileId | None = None
+        self.busy = False
 
 
 class QueueStorage:
@@ -242,6 +264,9 @@ class QueueStorage:
         """
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        # `_peek`'s connections: [0] for other threads, [1] for the main thread, whose lock
+        # is re-entrant because a signal handler may interrupt it in the middle of a read.
+        self._read_slots = (_ReadSlot(threading.Lock()), _ReadSlot(threading.RLock()))
         # Every write transaction of this process on this file takes this lock, so our own
         # flusher and writers queue in Python instead of in SQLite's busy handler, which
         # sleeps for milliseconds at a time.
@@ -409,15 +434,17 @@ class QueueStorage:
                     self._defer_open(exc)
                     raise
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = True) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves (the legacy implicit BEGIN is
         # DEFERRED, which can fail with SQLITE_BUSY on upgrade). check_same_thread=False:
-        # each connection is guarded by its own lock instead.
+        # each connection is guarded by its own lock instead. create=False: a missing file
+        # is an error, not a new empty (and not private) file.
         conn = sqlite3.connect(
-            self.path,
+            self.path if create else f"file:{quote(self._path_str)}?mode=rw",
             timeout=self.busy_timeout,
             isolation_level=None,
             check_same_thread=False,
+            uri=not create,
         )
         try:
             if conn.execute(PAGE_COUNT).fetchone()[0] == 0:
@@ -438,7 +465,7 @@ class QueueStorage:
         """Forget the parent's connections and locks in a forked child (never close them)."""
         if self._pid == os.getpid():
             return
-        for conn in (self._writer, self._reader):
+        for conn in (self._writer, self._reader, *(slot.conn for slot in self._read_slots)):
             if conn is not None:
                 abandon(conn)
         self._writer = self._reader = None
@@ -498,11 +525,15 @@ class QueueStorage:
             abandon(conn)
 
     def _release_connections(self) -> None:
-        """Close both connections (the caller holds both locks); they reopen lazily."""
+        """Close every connection (the caller holds their locks); they reopen lazily."""
         if self._writer is not None:
             self._release(self._writer, self._writer_id)
         if self._reader is not None:
             self._release(self._reader, self._reader_id)
+        for slot in self._read_slots:
+            if slot.conn is not None:
+                self._release(slot.conn, slot.file_id)
+            slot.conn = slot.file_id = None
         self._writer = self._reader = None
         self._writer_id = self._reader_id = None
 
@@ -536,6 +567,67 @@ class QueueStorage:
                 self._reader_id = file_identity(self._path_str)
             yield conn
 
+    def _peek(self, sql: str) -> Any:
+        """The first row of a read-only query (None if none), on a reading connection.
+
+        Never waits for the writers' or the flusher's lock (module docstring), except when
+        the file must be opened or was replaced: the writers' path re-creates it, and that
+        wait is bounded by ``busy_timeout``. A handler that interrupted the main thread in
+        the middle of a read (its statement still open, so its snapshot still held) reads on
+        a connection of its own, or it would keep seeing that old snapshot.
+        """
+        self._check_fork()
+        slot = self._read_slots[threading.current_thread() is threading.main_thread()]
+        with slot.lock:
+            if slot.busy:
+                return self._peek_apart(sql)
+            slot.busy = True
+            try:
+                conn = self._slot_connection(slot)
+                try:
+                    return conn.execute(sql).fetchone()
+                except sqlite3.DatabaseError as exc:
+                    raise translate(exc, self.path) from exc
+            finally:
+                slot.busy = False
+
+    def _slot_connection(self, slot: _ReadSlot) -> sqlite3.Connection:
+        """``slot``'s connection (the caller holds its lock), on the file at the path."""
+        current = file_identity(self._path_str)
+        if slot.conn is not None and current == slot.file_id:
+            return slot.conn
+        if not self._ready or current is None or current not in (self._writer_id, self._reader_id):
+            # Not a file the writers or the flusher have opened (and checked, recovered or
+            # created): let the writers' path do that first.
+            if not self._lock.acquire(timeout=self.busy_timeout):
+                raise StorageBusyError(f"{self.path} is busy", path=self._path_str)
+            try:
+                self._writer_connection()
+            finally:
+                self._lock.release()
+        if slot.conn is not None:
+            self._release(slot.conn, slot.file_id)
+            slot.conn = None
+        conn = self._connect_existing()
+        slot.conn, slot.file_id = conn, file_identity(self._path_str)
+        return conn
+
+    def _peek_apart(self, sql: str) -> Any:
+        """`_peek` on a connection of its own, closed after the read."""
+        conn = self._connect_existing()
+        try:
+            return conn.execute(sql).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+        finally:
+            conn.close()
+
+    def _connect_existing(self) -> sqlite3.Connection:
+        try:
+            return self._connect(create=False)
+        except sqlite3.DatabaseError as exc:
+            raise translate(exc, self.path) from exc
+
     def _open_connection(self) -> sqlite3.Connection:
         self._closed = False
         try:
@@ -545,11 +637,29 @@ class QueueStorage:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close this process's connections. Idempotent; the queue reopens lazily if used again."""
+    def close(self, *, timeout: float | None = None) -> bool:
+        """Close this process's connections. Idempotent; the queue reopens lazily if used again.
+
+        ``timeout``: wait at most that long for a connection in use, then close nothing and
+        return False (the connections stay open, as if used again). For a caller that may be
+        a signal handler which interrupted the very thread using one.
+        """
         if self._pid != os.getpid():
             self.after_fork()
-            return
-        with self._lock, self._flush_lock:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken: list[Any] = []
+        try:
+            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
+                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not lock.acquire(timeout=wait):
+                    return False
+                taken.append(lock)
+            if any(slot.busy for slot in self._read_slots):
+                return False  # a read this thread was interrupted in (re-entrant lock)
             self._release_connections()
             self._closed = True
+            return True
+        finally:
+            for lock in reversed(taken):
+                lock.release()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,27 @@ class Worker:
     def signal(self, signum: int) -> float:
         os.kill(self.proc.pid, signum)
         return time.monotonic()
+
+    def read_lines(self) -> queue.Queue[str]:
+        """From now on, stdout's lines arrive in the returned queue ("" at end of file), so
+        that a test can wait for one with a deadline; use `wait` rather than `finish` then."""
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = self.proc.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                lines.put(line.strip())
+            lines.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
+        return lines
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """Wait for exit (after `read_lines`); returns (status, stderr)."""
+        status = self.proc.wait(timeout)
+        assert self.proc.stderr is not None
+        return status, self.proc.stderr.read()
 
     def finish(self, timeout: float) -> tuple[int, str, str]:
         """Wait for exit; returns (status, rest of stdout, stderr)."""
@@ -212,3 +235,85 @@ def test_handlers_are_installed_only_from_the_main_thread(
     status, out, err = worker.finish(timeout=15)
     assert status == 0, err
     assert out.strip() == "unchanged"
+
+
+# --- a busy main thread: handlers that run while it is inside track() (P8) -------------------
+
+
+def numbers_delivered_or_queued(collector: Collector, queue_dir: Path) -> set[int]:
+    """The ``n`` of every busy-loop event that reached the collector or is still on disk."""
+    numbers = {event["properties"]["n"] for event in collector.events if event["event"] == "busy"}
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        for (payload,) in conn.execute("SELECT payload FROM events"):
+            event = json.loads(payload)
+            if event["event"] == "busy":
+                numbers.add(event["properties"]["n"])
+    return numbers
+
+
+def assert_none_lost(numbers: set[int], tracked: int) -> None:
+    """Every event whose track() returned is accounted for; the one track() the signal
+    interrupted may or may not have been committed."""
+    assert set(range(tracked)) <= numbers <= set(range(tracked + 1)), (
+        tracked,
+        sorted(set(range(tracked)) - numbers)[:10],
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shutdown_from_the_applications_own_handler_inside_track_does_not_deadlock(
+    workers: list[Worker], queue_dir: Path, collector: Collector, seed: int
+) -> None:
+    """The application's SIGTERM handler calls shutdown() and exits, and the signal lands
+    while the main thread is inside track() holding the queue's locks: shutdown must not wait
+    for them. The process exits, and every event it tracked is delivered or still on disk."""
+    # durability="power": each commit syncs, so the signal lands inside the lock most times.
+    worker = start(
+        workers, "host", queue_dir, collector.url, 0, SHUTDOWN_TIMEOUT="3", DURABILITY="power"
+    )
+    worker.wait_ready()
+    time.sleep(random.Random(seed).uniform(0.0, 0.1))  # a random point in the loop, by design
+    worker.signal(signal.SIGTERM)
+    status, out, err = worker.finish(timeout=15)
+    assert status == 0, err
+    tracked = json.loads(out.splitlines()[-1])["tracked"]
+    assert_none_lost(numbers_delivered_or_queued(collector, queue_dir), tracked)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sigterm_on_a_busy_process_ships_with_the_librarys_own_handler(
+    workers: list[Worker], queue_dir: Path, collector: Collector, seed: int
+) -> None:
+    """handle_signals=True and a main thread tracking in a tight loop: the handler only
+    starts the flush, which ships what was queued (delivered > 0) before the process dies the
+    conventional way; nothing is lost."""
+    worker = start(workers, "busy", queue_dir, collector.url, 0, SHUTDOWN_TIMEOUT="5")
+    worker.wait_ready()
+    time.sleep(random.Random(seed).uniform(0.05, 0.15))  # a random point in the loop
+    worker.signal(signal.SIGTERM)
+    status, _, err = worker.finish(timeout=15)
+    assert status == -signal.SIGTERM, err
+    delivered = [e for e in collector.events if e["event"] == "busy"]
+    assert delivered
+    numbers = numbers_delivered_or_queued(collector, queue_dir)
+    assert numbers == set(range(len(numbers)))  # no gap: only the newest may be missing
+
+
+def test_flush_stats_and_depth_from_a_signal_handler_inside_track_do_not_deadlock(
+    workers: list[Worker], queue_dir: Path, collector: Collector
+) -> None:
+    """An application's handler calls stats(), queue_depth() and flush() while the main
+    thread is inside track() or stats(): each signal is handled (no deadlock, not even with
+    the flusher's own reads), and the flush ships."""
+    worker = start(workers, "inspect", queue_dir, collector.url, 0, DURABILITY="power")
+    worker.wait_ready()
+    lines = worker.read_lines()
+    for _ in range(20):
+        worker.signal(signal.SIGUSR1)
+        assert lines.get(timeout=15) == "handled"
+    assert collector.event_count > 0
+    worker.signal(signal.SIGTERM)
+    status, err = worker.wait(timeout=15)
+    assert status == 0, err
+    tracked = json.loads(lines.get(timeout=15))["tracked"]
+    assert_none_lost(numbers_delivered_or_queued(collector, queue_dir), tracked)
