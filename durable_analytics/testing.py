@@ -121,10 +121,10 @@ class CapturedEvents:
     Criteria, shared by `find`, `assert_tracked` and `assert_not_tracked`: ``event`` (the
     name, ``"$identify"`` and so on for the other methods, docs/wire-formats.md),
     ``distinct_id`` (the event's ``app_user_id``), ``type`` (``track``, ``identify``, ...),
-    ``properties`` (the event has at least these, with these values), ``where`` (a function of
-    the event dict), and any other top-level field by name (``anonymous_id=``,
-    ``event_id=``; a dict value such as ``context=`` matches as a subset, like
-    ``properties``).
+    ``properties`` (the event has at least these keys, with these values; a dict value is
+    itself matched as a subset), ``where`` (a function of the event dict), and any other
+    top-level field by name (``anonymous_id=``, ``event_id=``; a dict such as ``context=``
+    matches as a subset too).
     """
 
     def __init__(self, client: Analytics, transport: CapturingTransport) -> None:
@@ -300,18 +300,24 @@ def _matcher(
             wanted[name] = value
 
     def match(candidate: dict[str, Any]) -> bool:
-        for name, value in wanted.items():
-            if name not in candidate:
-                return False
-            actual = candidate[name]
-            if isinstance(value, Mapping) and isinstance(actual, Mapping):
-                if any(k not in actual or actual[k] != v for k, v in value.items()):
-                    return False
-            elif actual != value:
-                return False
-        return where is None or bool(where(candidate))
+        return _contains(candidate, wanted) and (where is None or bool(where(candidate)))
 
     return match
+
+
+def _contains(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether ``actual`` has every key of ``wanted`` with its value; dicts compare the same
+    way at every level (a subset), anything else by equality."""
+    for name, value in wanted.items():
+        if name not in actual:
+            return False
+        found = actual[name]
+        if isinstance(value, Mapping) and isinstance(found, Mapping):
+            if not _contains(found, value):
+                return False
+        elif found != value:
+            return False
+    return True
 
 
 def _describe_criteria(

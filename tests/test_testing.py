@@ -251,7 +251,8 @@ def test_helpers_flush_so_they_see_everything_tracked_in_order() -> None:
 
 def test_criteria_match_fields_properties_and_functions() -> None:
     """find() matches the name, distinct id (app_user_id), type, a subset of properties or of
-    any dict field, any top-level field by name, and a function of the event."""
+    any dict field (at every level), any top-level field by name, and a function of the
+    event."""
     with capture_events() as (client, events):
         client.track("u1", "Order", {"total": 10, "currency": "EUR"})
         client.track("u2", "Order", {"total": 99, "currency": "EUR"})
@@ -264,7 +265,9 @@ def test_criteria_match_fields_properties_and_functions() -> None:
         assert len(events.find(properties={"currency": "EUR"})) == 2
         assert len(events.find(anonymous_id="anon-1")) == 1
         assert events.find(type="page")[0]["properties"] == {"page_name": "Pricing"}
-        assert len(events.find(context={"library": {"name": "durable_analytics"}}, type="identify")) == 0
+        library = {"library": {"name": "durable_analytics"}}
+        assert [e["event"] for e in events.find(context=library, type="identify")] == ["$identify"]
+        assert events.find(context={"library": {"name": "other"}}) == []
         assert len(events.find(where=lambda e: e["properties"].get("total", 0) > 9)) == 2
         assert events.find("Order", properties={"missing": None}) == []
         assert events.assert_tracked("Order", count=3)["app_user_id"] == "u1"
