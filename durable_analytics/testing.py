@@ -19,9 +19,10 @@ unittest, or anything else::
         analytics.track("u1", "Signup")
         events.assert_tracked("Signup", distinct_id="u1")
 
-The plugin is loaded into every pytest run of a project that installs durable_analytics, so it
-only defines fixtures: no hooks, nothing autouse, no client until a test asks for one. docs/
-testing.md is the user's guide.
+The fixtures (``durable_analytics_client``, ``analytics_events``, ``durable_analytics_options``)
+are defined in the top-level module ``_durable_analytics_pytest``, which the ``pytest11`` entry
+point named ``durable_analytics.testing`` loads into every pytest run: it imports nothing of
+this package until a test asks for a fixture. docs/testing.md is the user's guide.
 """
 
 from __future__ import annotations
@@ -39,14 +40,10 @@ from .transport import InMemoryTransport, TransportResponse, build_body
 if TYPE_CHECKING:
     from .client import Analytics
 
-try:
-    # Optional: unittest users need not have pytest. When pytest loads this module as its
-    # plugin, pytest is of course already imported.
-    import pytest
-except ImportError:  # pragma: no cover - exercised only without pytest installed
-    _HAVE_PYTEST = False
-else:
-    _HAVE_PYTEST = True
+#: When a conftest lists ``pytest_plugins = ["durable_analytics.testing"]`` with plugin
+#: autoloading off, pytest registers this module; the fixtures come with it from here. (With
+#: autoloading on, that name is already the entry point's plugin and this is not read.)
+pytest_plugins = ["_durable_analytics_pytest"]
 
 __all__ = [
     "TEST_DEFAULTS",
@@ -382,32 +379,3 @@ def capture_events(
         # Registered after the directory: shut down (queue closed) before it is removed.
         stack.callback(client.shutdown)
         yield client, CapturedEvents(client, transport)
-
-
-# --- the pytest plugin ----------------------------------------------------------------------------
-
-if _HAVE_PYTEST:
-
-    @pytest.fixture
-    def durable_analytics_options() -> dict[str, Any]:
-        """`Analytics` options for ``analytics_events``' client (none: `TEST_DEFAULTS`).
-
-        Override it in a conftest.py, a module or a class, or per test with
-        ``@pytest.mark.parametrize("durable_analytics_options", [{...}])``.
-        """
-        return {}
-
-    @pytest.fixture
-    def analytics_events(
-        durable_analytics_options: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-    ) -> Iterator[CapturedEvents]:
-        """The events this test's ``durable_analytics_client`` delivered (`CapturedEvents`)."""
-        directory = tmp_path_factory.mktemp("durable-analytics") / "queue"
-        with capture_events(directory, **durable_analytics_options) as (_, events):
-            yield events
-
-    @pytest.fixture
-    def durable_analytics_client(analytics_events: CapturedEvents) -> Analytics:
-        """A real `Analytics` (real queue in a temporary directory, real wire format) whose
-        events are delivered into ``analytics_events``; shut down after the test."""
-        return analytics_events.client
