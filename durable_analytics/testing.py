@@ -31,6 +31,7 @@ import contextlib
 import json
 import tempfile
 import threading
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,15 +57,17 @@ __all__ = [
 #: ``DURABLE_ANALYTICS_*`` variable in the environment (``SEND=false``, a ``PERSISTENCE_DIR``)
 #: can't change how the tests run: no signal handlers (the test runner owns them), a flusher
 #: that ships within a tenth of a second, and retries in milliseconds.
-TEST_DEFAULTS: Mapping[str, Any] = {
-    "app_id": "test-app",
-    "send": True,
-    "handle_signals": False,
-    "flush_interval": 0.1,
-    "retry_base_delay": 0.01,
-    "retry_max_delay": 0.05,
-    "shutdown_timeout": 5.0,
-}
+TEST_DEFAULTS: Mapping[str, Any] = types.MappingProxyType(
+    {
+        "app_id": "test-app",
+        "send": True,
+        "handle_signals": False,
+        "flush_interval": 0.1,
+        "retry_base_delay": 0.01,
+        "retry_max_delay": 0.05,
+        "shutdown_timeout": 5.0,
+    }
+)
 
 # How long a helper waits for the client to deliver what was recorded before it.
 _FLUSH_TIMEOUT = 10.0
@@ -139,9 +142,13 @@ class CapturedEvents:
         __tracebackhide__ = True
         if not self.client.flush(timeout):
             depth = self.client.queue_depth()
+            if not self.client.config.send:
+                why = "the client has send=False, so it delivers nothing"
+            else:
+                why = self._describe_drops() or "the transport kept refusing them"
             raise AssertionError(
                 f"durable_analytics: {depth} event(s) still queued after {timeout:g} s of "
-                f"flushing; {self._describe_drops() or 'the transport kept refusing them'}"
+                f"flushing; {why}"
             )
 
     @property
@@ -367,7 +374,9 @@ def capture_events(
         raise TypeError("capture_events() makes its own transport; don't pass transport=")
     with contextlib.ExitStack() as stack:
         if persistence_dir is None:
-            temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="durable-an-"))
+            temporary = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="durable-analytics-test-")
+            )
             persistence_dir = Path(temporary) / "queue"
         transport = CapturingTransport()
         client = Analytics(

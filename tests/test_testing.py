@@ -332,13 +332,18 @@ def test_scripted_failures_are_retried_and_refusals_reported() -> None:
 
 
 def test_a_flush_that_cannot_finish_fails_with_the_count() -> None:
-    """When the transport keeps failing, reading the events fails after the timeout with how
-    many are still queued, instead of hanging or passing on a partial capture."""
+    """When the transport keeps failing (or send=False), reading the events fails after the
+    timeout with how many are still queued and why, instead of hanging or passing on a
+    partial capture."""
     with capture_events(shutdown_timeout=0.2) as (client, events):
         events.transport.fail_with(times=1_000_000)
         client.track("u1", "Stuck")
         with pytest.raises(AssertionError, match=r"1 event\(s\) still queued after 0.3 s"):
             events.flush(timeout=0.3)
+    with capture_events(send=False) as (client, events):
+        client.track("u1", "Unsent")
+        with pytest.raises(AssertionError, match="send=False"):
+            events.assert_tracked("Unsent")
 
 
 def test_the_environment_cannot_turn_capturing_off(
