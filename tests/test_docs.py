@@ -49,6 +49,7 @@ OWN_PAGES = (
     "network.md",
     "batch-jobs.md",
     "metrics.md",
+    "testing.md",
     "changelog.md",
 )
 NORUN = "<!-- norun -->"
