@@ -5,7 +5,11 @@
 const POLL_MS = 500;
 const KEEP = 2000;   // events kept in the page, as the server keeps
 const SHOW = 300;    // rows rendered at once
-const state = { cursor: 0, events: [], requests: [], selected: null, samples: [], tab: "events" };
+const QUEUE_MS = 2000;
+const state = {
+  cursor: 0, events: [], requests: [], selected: null, samples: [], tab: "events",
+  queueAt: 0, queueShown: "",
+};
 const $ = (id) => document.getElementById(id);
 
 function el(tag, className, text) {
@@ -129,6 +133,10 @@ async function loadQueue() {
     return;
   }
   $("queue-message").textContent = `${data.directory} · read ${clock(data.read_at)}`;
+  // Rebuild the rows only when the queue changed: a button must not vanish under the pointer.
+  const shown = JSON.stringify([data.files, data.dead_letters]);
+  if (shown === state.queueShown) return;
+  state.queueShown = shown;
   $("queue-files").replaceChildren(...data.files.map((f) => {
     const tr = el("tr");
     tr.append(el("td", "", f.path), el("td", "", f.pending), el("td", "", age(f.oldest_age)),
@@ -168,7 +176,7 @@ async function replay(id, button) {
     body: JSON.stringify({ id }),
   });
   const data = await answer.json();
-  $("queue-message").textContent = answer.ok
+  $("replay-status").textContent = answer.ok
     ? `replayed ${data.replayed} dead letter(s): the app's flusher or \`durable-analytics flush\` sends them`
     : `replay failed: ${data.error}`;
   button.disabled = false;
@@ -195,7 +203,10 @@ async function poll() {
     }
     renderStats(data.stats);
     $("connection").className = "dot live";
-    if (state.tab === "queue") await loadQueue();
+    if (state.tab === "queue" && performance.now() - state.queueAt > QUEUE_MS) {
+      state.queueAt = performance.now();
+      await loadQueue();
+    }
   } catch (err) {
     $("connection").className = "dot down";
   }
@@ -217,6 +228,9 @@ for (const tab of document.querySelectorAll(".tab")) {
 for (const id of ["filter-name", "filter-type", "filter-user"]) {
   $(id).addEventListener("input", renderEvents);
 }
+// Only the select: a text field's change fires on blur, and re-rendering then would swallow
+// the click on the row that took the focus.
+$("filter-type").addEventListener("change", renderEvents);
 $("filters").addEventListener("submit", (e) => e.preventDefault());
 $("detail-close").addEventListener("click", () => {
   state.selected = null;
