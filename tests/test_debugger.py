@@ -301,6 +301,22 @@ def test_segment_events_show_their_user_and_gzip_request(
     assert "/v1/batch → 200" in browser.find_element(By.ID, "detail-meta").text
     assert "gzip" in browser.find_element(By.ID, "detail-meta").text
 
+    # Readable on a phone: nothing is wider than the window, so nothing scrolls sideways.
+    size = browser.get_window_size()
+    browser.set_window_size(390, 844)
+    try:
+        _wait(
+            browser,
+            lambda d: d.execute_script("return window.innerWidth") <= 420,
+            "the window did not shrink",
+        )
+        widths = browser.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert widths[0] <= widths[1], widths
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+
 
 class _Lines:
     """A subprocess's stdout read by a thread, so every line is awaited with a deadline."""
