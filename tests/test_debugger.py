@@ -101,8 +101,9 @@ def test_live_api_lists_events_of_both_wire_formats_with_their_requests(
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert answer.status == 202
     segment = gzip.compress(
-        json.dumps({"batch": [{"type": "identify", "anonymousId": "anon", "messageId": "b"}]})
-        .encode()
+        json.dumps(
+            {"batch": [{"type": "identify", "anonymousId": "anon", "messageId": "b"}]}
+        ).encode()
     )
     request = urllib.request.Request(
         collector.url + "/v1/batch",
@@ -119,9 +120,27 @@ def test_live_api_lists_events_of_both_wire_formats_with_their_requests(
         ("identify", "identify", "anon", "segment"),
     ]
     requests = [(r["path"], r["status"], r["size"], r["gzip"]) for r in live["requests"]]
-    assert requests == [("/events", 202, len(layers), False), ("/v1/batch", 200, len(segment), True)]
+    assert requests == [
+        ("/events", 202, len(layers), False),
+        ("/v1/batch", 200, len(segment), True),
+    ]
     assert live["stats"]["events"] == 2
     assert json.loads(_get(f"{collector.url}/api/live?after={live['cursor']}")[2])["events"] == []
+
+
+def test_the_page_shows_events_when_the_collector_keeps_no_records() -> None:
+    """`collect` runs with keep_records=False (memory must not grow with traffic); the page
+    still gets the newest events, and counts every one."""
+    with Collector(keep_records=False) as server:
+        body = json.dumps({"batch": [{"type": "track", "event": "e", "userId": "u"}]}).encode()
+        for _ in range(3):
+            request = urllib.request.Request(server.url + "/v1/batch", body)
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200
+        live = json.loads(_get(server.url + "/api/live")[2])
+        assert server.events == [] and server.requests == []
+        assert [e["name"] for e in live["events"]] == ["e", "e", "e"]
+        assert live["stats"]["events"] == 3
 
 
 def test_replay_api_needs_a_queue_and_json(collector: Collector) -> None:
@@ -369,8 +388,9 @@ def test_replaying_a_dead_letter_from_the_queue_view_delivers_it(
 
         _wait(
             browser,
-            lambda d: d.find_element(By.CSS_SELECTOR, "#dead-letters button.replay").click()
-            or True,
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "#dead-letters button.replay").click() or True
+            ),
             "no replay button to click",
         )
         _wait(
