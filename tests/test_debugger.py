@@ -155,6 +155,46 @@ def test_replay_api_needs_a_queue_and_json(collector: Collector) -> None:
         assert status == 400, body
 
 
+def test_page_and_api_refuse_a_foreign_host_name(collector: Collector) -> None:
+    """On 127.0.0.1 the page and its API answer only loopback Host names (421 otherwise), so a
+    site that re-points its domain at 127.0.0.1 cannot read events from a developer's browser;
+    ingest and /health are unaffected."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", collector.port, timeout=10)
+    try:
+        for host, status in [("evil.example:80", 421), ("localhost:1", 200), ("[::1]:5", 200)]:
+            conn.request("GET", "/api/live", headers={"Host": host})
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == status, host
+        conn.request("POST", "/api/queue/replay", b'{"id": 1}',
+                     {"Host": "evil.example", "Content-Type": "application/json"})  # fmt: skip
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 421
+        conn.request("GET", "/health", headers={"Host": "evil.example"})
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 200
+    finally:
+        conn.close()
+
+
+def test_ui_without_a_queue_exits_3_before_listening(tmp_path: Path) -> None:
+    """`durable-analytics ui --dir` on a directory holding no queue exits 3 (no queue) at once,
+    creating nothing, instead of serving a page that can only show an error."""
+    from click.testing import CliRunner
+
+    from durable_analytics.cli import cli
+
+    missing = tmp_path / "nothing-here"
+    result = CliRunner().invoke(cli, ["ui", "--dir", str(missing), "--port", "0"])
+    assert result.exit_code == 3, result.output
+    assert "no queue" in result.output
+    assert not missing.exists()
+
+
 class _NoQueue:
     def snapshot(self) -> dict[str, Any]:
         raise AssertionError("not called")

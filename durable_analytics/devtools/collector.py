@@ -630,6 +630,10 @@ class _Handler(BaseHTTPRequestHandler):
         answer = debugger.answer_get(
             self.path, collector.live, collector.stats(), collector.queue_view
         )
+        if answer is not None and not debugger.host_allowed(
+            self.headers.get("Host"), collector._host
+        ):
+            answer = debugger.refused_host()
         if answer is None:
             self._not_routed()
         else:
@@ -649,9 +653,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _Refused as refused:
             self._send(refused.status, {}, _json_bytes({"error": refused.message}), close=True)
             return
-        self._send(
-            *debugger.answer_post(self.path, headers, body, self.server.collector.queue_view)
-        )
+        collector = self.server.collector
+        if not debugger.host_allowed(headers.get("host"), collector._host):
+            self._send(*debugger.refused_host())
+            return
+        self._send(*debugger.answer_post(self.path, headers, body, collector.queue_view))
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0]

@@ -13,6 +13,10 @@ The view is handed in by the CLI, so replaying runs the CLI's own ``dead-letters
 
 Routes (all GET unless said otherwise): ``/`` the page; ``/assets/<file>``; ``/api/live``;
 ``/api/queue``; ``POST /api/queue/replay`` with ``{"id": <dead letter id>}``.
+
+On a loopback address these routes answer only requests whose ``Host`` is a loopback name: a
+web site that re-points its own domain at 127.0.0.1 (DNS rebinding) would otherwise read the
+events, or replay dead letters, from a developer's browser.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
     "WebAnswer",
     "answer_get",
     "answer_post",
+    "host_allowed",
     "summarize",
 ]
 
@@ -46,6 +51,7 @@ _ASSETS = {
     "debugger.js": "text/javascript; charset=utf-8",
 }
 _PAGE = "index.html"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", ""})
 REPLAY_PATH = "/api/queue/replay"
 
 #: (status, headers, body) for the collector's handler to send.
@@ -164,6 +170,26 @@ class LiveLog:
                 "events": [e for e in self._events if e["seq"] > after],
                 "requests": [r for r in self._requests if r["seq"] > after],
             }
+
+
+def host_allowed(host_header: str | None, bound_host: str) -> bool:
+    """False when the server listens on loopback only and ``Host`` names something else.
+
+    A server bound elsewhere by ``--host`` was exposed on purpose; it accepts any ``Host``.
+    """
+    if bound_host not in _LOOPBACK and not bound_host.startswith("127."):
+        return True
+    name = (host_header or "").strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    else:
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    return name in _LOOPBACK or name.startswith("127.")
+
+
+def refused_host() -> WebAnswer:
+    """The answer to a request that failed :func:`host_allowed`."""
+    return _json(421, {"error": "open the debugger at 127.0.0.1 or localhost"})
 
 
 def _json(status: int, value: Any) -> WebAnswer:
