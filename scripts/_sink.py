@@ -16,8 +16,9 @@ Control endpoints, used by the benchmark's worker processes:
 
 Run it as its own process (``python scripts/_sink.py --port 0``; the first stdout line is the
 URL), so its parsing never competes with the measured client for the GIL. Why not
-``durable_analytics.collector.Collector``: it answers PostHog's ``/batch/`` with 404, keeps every
-request (memory grows with a 1,000,000-event drain), and runs in the caller's process.
+``durable_analytics.devtools.collector.Collector``: it answers PostHog's ``/batch/`` with 404,
+keeps every request (memory grows with a 1,000,000-event drain), and runs in the caller's
+process.
 
 Standard library only.
 """

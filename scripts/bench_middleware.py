@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from durable_analytics import Analytics
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.integrations.asgi import AnalyticsMiddleware as ASGIMiddleware
 from durable_analytics.integrations.wsgi import AnalyticsMiddleware as WSGIMiddleware
 

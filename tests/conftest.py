@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from durable_analytics import Analytics
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DurableAnalyticsError, TransportError
 from durable_analytics.transport import (
     MAX_RESPONSE_BYTES,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ClosedError, QueueFullError, StorageError, ValidationError
 
 JOB = Path(__file__).with_name("workers") / "import_job.py"

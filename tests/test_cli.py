@@ -33,7 +33,7 @@ from durable_analytics import Analytics
 from durable_analytics.cli import _common as cli_common
 from durable_analytics.cli import cli
 from durable_analytics.cli import dead_letters as cli_dead_letters
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.migrations import SCHEMA_VERSION
 from durable_analytics.paths import state_dir

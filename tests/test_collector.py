@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from durable_analytics.collector import Collector, ReceivedRequest
+from durable_analytics.devtools.collector import Collector, ReceivedRequest
 
 TIMEOUT = 10.0  # per HTTP call and per wait: only reached if something is broken
 

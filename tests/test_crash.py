@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from durable_analytics import Analytics
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 

@@ -9,7 +9,7 @@ import pytest
 
 import durable_analytics
 from durable_analytics import _default
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ClosedError, ConfigurationError
 
 

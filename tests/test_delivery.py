@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from durable_analytics import Analytics
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import (
     AuthenticationError,
     ClosedError,

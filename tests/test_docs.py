@@ -30,8 +30,8 @@ from click.testing import CliRunner
 from durable_analytics import Analytics
 from durable_analytics import cli as cli_module
 from durable_analytics.cli import cli
-from durable_analytics.collector import Collector
 from durable_analytics.config import ENV_PREFIX, Config
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.events import EVENT_NAMES
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.stats import DROP_REASONS

@@ -16,7 +16,7 @@ import pytest
 from queue_contents import queued
 
 from durable_analytics import Analytics, ValidationError
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError, DurableAnalyticsError, EventTooLargeError
 from durable_analytics.events import EventBuilder, format_timestamp
 

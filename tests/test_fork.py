@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import requests
 
-from durable_analytics.collector import Collector, ReceivedRequest
+from durable_analytics.devtools.collector import Collector, ReceivedRequest
 
 WORKERS = Path(__file__).with_name("workers")
 

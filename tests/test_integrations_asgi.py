@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from durable_analytics import Analytics, get_context
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.integrations.asgi import AnalyticsMiddleware, Message, Receive, Scope, Send
 
 TIMEOUT = 10.0

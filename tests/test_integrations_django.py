@@ -38,7 +38,7 @@ from django.urls import path
 from queue_contents import queued
 
 from durable_analytics import Analytics, get_context, track_server_action
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.integrations.django import AnalyticsMiddleware, get_analytics
 
 TIMEOUT = 10.0

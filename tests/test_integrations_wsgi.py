@@ -30,7 +30,7 @@ import requests
 from queue_contents import queued
 
 from durable_analytics import Analytics, get_context
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.integrations.wsgi import AnalyticsMiddleware
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import trustme
 
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.transport import HTTPTransport, SendFailed
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from durable_analytics import Analytics
-from durable_analytics.collector import Collector
+from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DeliveryError, DurableAnalyticsError, TransportError
 from durable_analytics.transport import HTTPTransport, SendFailed
 

@@ -14,7 +14,7 @@ One module per kind of work; the group defined here adds each module's commands:
 - ``reading``: ``peek``, ``export``
 - ``flushing``: ``flush``
 - ``dead_letters``: ``dead-letters list | replay | purge``
-- ``local``: ``collect``, ``demo``, the hidden ``demo-worker``
+- ``local``: ``collect``, ``ui``, ``demo``, the hidden ``demo-worker``
 
 Exit codes (docs/cli.md):
 
@@ -110,5 +110,6 @@ cli.add_command(reading.export)
 cli.add_command(flushing.flush)
 cli.add_command(dead_letters.dead_letters)
 cli.add_command(local.collect)
+cli.add_command(local.ui)
 cli.add_command(local.demo)
 cli.add_command(local.demo_worker)

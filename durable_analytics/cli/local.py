@@ -1,8 +1,14 @@
-"""``collect``, ``demo`` and the hidden ``demo-worker``: run things locally, no queue named."""
+"""``collect``, ``ui``, ``demo`` and the hidden ``demo-worker``: run things locally.
+
+The collector, its debugger page and the demo live in ``durable_analytics.devtools`` and are
+imported inside the commands, so ``import durable_analytics.cli`` does not load them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import itertools
 import signal
 import sys
 import threading
@@ -10,21 +16,48 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import demo as demo_module
 from ..config import ENV_PREFIX
-from ._common import EXIT_FAILURE, CLIError, _echo_json, _interactive, _json_flag, _progress
+from ..errors import DurableAnalyticsError
+from ..queue import SQLiteQueue
+from ..reader import EventFilter
+from ._common import (
+    EXIT_FAILURE,
+    CLIError,
+    QueueTarget,
+    _echo_json,
+    _interactive,
+    _json_flag,
+    _progress,
+    _queue_options,
+    _Settings,
+)
+from .dead_letters import _change_dead_letters
+
+if TYPE_CHECKING:
+    from ..devtools.collector import Collector
+    from ..devtools.debugger import QueueView
 
 DEFAULT_COLLECT_PORT = 8765
+DEFAULT_UI_PORT = 8766
+#: Dead letters the queue view lists (oldest first); `dead-letters list` shows them all.
+UI_DEAD_LETTERS = 200
+
+_host_option = click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (anything but 127.0.0.1 exposes the page and its events).",
+)
 
 # --- collect ---------------------------------------------------------------------------------
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@_host_option
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
@@ -50,16 +83,31 @@ DEFAULT_COLLECT_PORT = 8765
 def collect(
     host: str, port: int, out: Path | None, interval: float, duration: float, as_json: bool
 ) -> None:
-    """Run the local collector: receive batches (layers, segment, gzip) and count them.
+    """Run the local collector: receive batches (layers, segment, gzip) and show them.
 
-    Point an app at it with DURABLE_ANALYTICS_BASE_URL=<the printed URL>. Prints a live count
-    and rate (one updating line on a terminal, else a line whenever the count changed) until
-    Ctrl-C or SIGTERM (or --duration), then a summary; exits 0. --out appends each accepted
-    event to a file as a JSON line (created 0600). --json prints JSON lines.
+    Point an app at it with DURABLE_ANALYTICS_BASE_URL=<the printed URL>, and open that URL in
+    a browser: the event debugger shows events as they arrive, their JSON and the requests.
+    Prints a live count and rate (one updating line on a terminal, else a line whenever the
+    count changed) until Ctrl-C or SIGTERM (or --duration), then a summary; exits 0. --out
+    appends each accepted event to a file as a JSON line (created 0600). --json prints JSON
+    lines.
     """
-    from ..collector import Collector  # only this command needs the server
+    from ..devtools.collector import Collector  # only this command needs the server
 
     collector = Collector(host, port, store_path=out, keep_records=False)
+    _serve(collector, host, port, out, interval, duration, as_json)
+
+
+def _serve(
+    collector: Collector,
+    host: str,
+    port: int,
+    out: Path | None,
+    interval: float,
+    duration: float,
+    as_json: bool,
+) -> None:
+    """Start ``collector``, print where it listens and its counts until stopped."""
     try:
         collector.start()
     except OSError as exc:
@@ -69,6 +117,9 @@ def collect(
         _echo_json({"listening": collector.url, "out": None if out is None else str(out)})
     else:
         click.echo(f"collecting on {collector.url} (Ctrl-C to stop)")
+        click.echo(f"  event debugger: open {collector.url}/ in a browser")
+        if collector.queue_view is not None:
+            click.echo(f"  queue view: {collector.url}/#queue")
         click.echo(f"  point an app at it: {ENV_PREFIX}BASE_URL={collector.url}")
         if out:
             click.echo(f"  appending events to {out}")
@@ -144,6 +195,133 @@ def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# --- ui --------------------------------------------------------------------------------------
+
+
+class _QueueView:
+    """The queue view of the debugger page, over the CLI's own reader and replay code."""
+
+    def __init__(self, target: QueueTarget, settings: _Settings) -> None:
+        self.target = target
+        self.settings = settings
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the page shows of the queue (see `QueueView.snapshot`)."""
+        from ..devtools.debugger import QueueViewError
+
+        try:
+            with self.target.open(self.settings) as reader:
+                head = reader.head()
+                files = [
+                    {
+                        "path": str(reader.path),
+                        "pending": reader.depth(),
+                        "oldest_age": None if head is None else _age(head[1]),
+                        "size": reader.file_size(),
+                        "dead_letters": reader.dead_letter_count(),
+                    }
+                ]
+                rows = itertools.islice(reader.iter_dead_letters(), UI_DEAD_LETTERS)
+                letters = [
+                    {
+                        "id": row.id,
+                        "failed_at": row.failed_at,
+                        "reason": row.reason,
+                        "status_code": row.status_code,
+                        "response": row.response,
+                        "type": row.type,
+                        "event": row.event,
+                        "distinct_id": row.distinct_id,
+                        "message_id": row.message_id,
+                        "payload": row.payload,
+                    }
+                    for row in rows
+                ]
+                return {
+                    "directory": str(reader.directory),
+                    "app_id": reader.app_id,
+                    "read_at": time.time(),
+                    "files": files,
+                    "dead_letters": letters,
+                }
+        except (click.ClickException, DurableAnalyticsError, OSError) as exc:
+            raise QueueViewError(_message(exc)) from exc
+
+    def replay(self, dead_letter_id: int) -> dict[str, Any]:
+        """`dead-letters replay --id <id>`: the same code, run for the page's button."""
+        from ..devtools.debugger import QueueViewError
+
+        where = EventFilter(ids=(dead_letter_id,))
+        try:
+            matched, replayed = _change_dead_letters(
+                self.settings,
+                self.target,
+                where,
+                False,
+                SQLiteQueue.replay_dead_letters,
+                "replaying",
+            )
+        except (click.ClickException, DurableAnalyticsError, OSError) as exc:
+            raise QueueViewError(_message(exc)) from exc
+        if not matched:
+            raise QueueViewError(f"no dead letter has id {dead_letter_id}")
+        return {"matched": matched, "replayed": replayed}
+
+
+def _message(exc: Exception) -> str:
+    return exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+
+
+def _age(created_at: str) -> float | None:
+    """Seconds since a stored ``created_at`` (ISO-8601 UTC), None if it does not parse."""
+    text = created_at[:-1] + "+00:00" if created_at.endswith("Z") else created_at
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, time.time() - moment.timestamp())
+
+
+@click.command()
+@_queue_options
+@_host_option
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_UI_PORT,
+    show_default=True,
+    help="0: any free port (the URL is printed).",
+)
+@click.option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop after N s.")
+@_json_flag
+@click.pass_obj
+def ui(
+    settings: _Settings,
+    /,
+    target: QueueTarget,
+    host: str,
+    port: int,
+    duration: float,
+    as_json: bool,
+) -> None:
+    """Show a queue in the browser: pending events, oldest age, dead letters, replay.
+
+    Serves the event debugger page with a Queue tab for the queue named by --dir / --app-id:
+    pending events per file, the oldest event's age, each dead letter with its reason and the
+    server's answer, and a Replay button that does what `dead-letters replay --id` does (the
+    app's flusher or `flush` then sends it). The server also accepts events, like `collect`.
+    Runs until Ctrl-C or SIGTERM (or --duration).
+    """
+    from ..devtools.collector import Collector
+
+    view: QueueView = _QueueView(target, settings)
+    target.open(settings).close()  # a missing or unusable queue fails now, with its exit code
+    collector = Collector(host, port, keep_records=False, queue_view=view)
+    _serve(collector, host, port, None, 1.0, duration, as_json)
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 
@@ -175,6 +353,8 @@ def demo(
     prints what was tracked, delivered, duplicated and lost, and how to look at the queue
     with sqlite3. Exit 1 if anything was lost.
     """
+    from ..devtools import demo as demo_module  # a development tool, loaded only when asked
+
     kill = events // 2 if kill_after is None else kill_after
     if kill >= events:
         raise click.UsageError(f"--kill-after must be below --events ({events})")
@@ -206,6 +386,8 @@ def demo(
 @click.option("--rate", type=click.FloatRange(min=0), default=0.0)
 def demo_worker(directory: Path, base_url: str, events: int, start: int, rate: float) -> None:
     """The demo's worker process: tracks events, prints each message id once track() returned."""
+    from ..devtools import demo as demo_module
+
     code = demo_module.worker(directory, base_url, events, start=start, rate=rate)
     if code:
         raise click.exceptions.Exit(code)

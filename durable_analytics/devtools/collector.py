@@ -13,6 +13,7 @@ It accepts:
 - ``POST /v1/batch``: Segment's HTTP Tracking API, ``{"batch": [...], "sentAt": ...}``; answered
   200 ``{"success": true}``.
 - ``GET /health``: 200.
+- ``GET /``: the event debugger page, and its JSON API under ``/api/`` (debugger.py).
 
 Bodies may be gzip-compressed (``Content-Encoding: gzip``); the decompressed size is bounded, so a
 gzip bomb is answered 413 instead of exhausting memory. JSON is parsed strictly: bare ``NaN`` and
@@ -44,6 +45,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, Literal, TypedDict
+
+from . import debugger
+from .debugger import LiveLog, QueueView
 
 __all__ = ["Collector", "CollectorStats", "ReceivedRequest", "ResponseHandler"]
 
@@ -175,7 +179,10 @@ class Collector:
         (created 0600: events hold personal data) before the request is answered.
     :param max_body_bytes: largest body accepted, both as sent and after gzip decompression;
         larger ones are answered 413.
-    :param keep_records: False keeps no request bodies or events in memory.
+    :param keep_records: False keeps no request bodies or events in memory (the debugger page
+        still shows the newest few thousand events, see :attr:`live`).
+    :param queue_view: a queue on disk for the page to show, with replay (``durable-analytics
+        ui``); None shows only the events received.
     :raises ValueError: if ``port`` or ``max_body_bytes`` is out of range.
     """
 
@@ -187,6 +194,7 @@ class Collector:
         store_path: str | os.PathLike[str] | None = None,
         max_body_bytes: int = 8 * 1024 * 1024,
         keep_records: bool = True,
+        queue_view: QueueView | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {port!r}")
@@ -197,6 +205,9 @@ class Collector:
         self._store_path = None if store_path is None else os.fspath(store_path)
         self.max_body_bytes = max_body_bytes
         self._keep_records = keep_records
+        self.queue_view = queue_view
+        #: The newest events and requests, for the debugger page.
+        self.live = LiveLog()
 
         # One re-entrant lock guards every record and counter; the condition on it wakes
         # wait_until() whenever a request arrives or is answered. Re-entrant so a wait_until()
@@ -497,7 +508,10 @@ class Collector:
             return _Answer(500, {}, _json_bytes({"error": "response handler failed"}))
 
     def _record(
-        self, request: ReceivedRequest, events: list[dict[str, Any]] | None
+        self,
+        request: ReceivedRequest,
+        events: list[dict[str, Any]] | None,
+        wire_size: int = 0,
     ) -> ReceivedRequest:
         """Store the request and, if it is accepted, its events; returns the request with the
         status to answer (500 if the events could not be written to ``store_path``)."""
@@ -527,6 +541,16 @@ class Collector:
                     self._events.extend(events)
             else:
                 self._rejected += 1
+            self.live.add(
+                protocol=request.protocol,
+                path=request.path,
+                status=request.status,
+                wire_size=wire_size,
+                body_size=len(request.body),
+                gzip="gzip" in request.headers.get("content-encoding", "").lower(),
+                error=request.error,
+                events=events if accepted else None,
+            )
             self._changed.notify_all()
             return request
 
@@ -589,17 +613,31 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routing -----------------------------------------------------------------------------
 
     def do_POST(self) -> None:
-        protocol = _ROUTES.get(self._route())
-        if protocol is None:
-            self._not_routed()
-        else:
+        route = self._route()
+        protocol = _ROUTES.get(route)
+        if protocol is not None:
             self._ingest(protocol)
+        elif route == debugger.REPLAY_PATH:
+            self._replay()
+        else:
+            self._not_routed()
 
     def do_GET(self) -> None:
         if self._route() == _HEALTH_PATH:
             self._send(200, {"Content-Type": "application/json"}, b'{"status":"ok"}')
-        else:
+            return
+        collector = self.server.collector
+        answer = debugger.answer_get(
+            self.path, collector.live, collector.stats(), collector.queue_view
+        )
+        if answer is not None and not debugger.host_allowed(
+            self.headers.get("Host"), collector._host
+        ):
+            answer = debugger.refused_host()
+        if answer is None:
             self._not_routed()
+        else:
+            self._send(*answer)
 
     do_HEAD = do_GET
 
@@ -607,6 +645,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._not_routed()
 
     do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    def _replay(self) -> None:
+        headers = {name.lower(): str(value) for name, value in self.headers.items()}
+        try:
+            body = self._read_body(64 * 1024)
+        except _Refused as refused:
+            self._send(refused.status, {}, _json_bytes({"error": refused.message}), close=True)
+            return
+        collector = self.server.collector
+        if not debugger.host_allowed(headers.get("host"), collector._host):
+            self._send(*debugger.refused_host())
+            return
+        self._send(*debugger.answer_post(self.path, headers, body, collector.queue_view))
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0]
@@ -638,13 +689,16 @@ class _Handler(BaseHTTPRequestHandler):
             headers[key] = f"{headers[key]}, {value}" if key in headers else str(value)
 
         body = b""
+        wire_size = 0
         payload: Any = None
         events: list[dict[str, Any]] | None = None
         error: str | None = None
         close = False
         try:
             limit = collector.max_body_bytes
-            body = _decode(self._read_body(limit), headers, limit)
+            raw = self._read_body(limit)
+            wire_size = len(raw)
+            body = _decode(raw, headers, limit)
             payload = _parse(body)
             events = _validate(protocol, payload, headers)
             status = 202 if protocol == "layers" else 200
@@ -666,16 +720,16 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if answer.delay and collector._stopping.wait(answer.delay):
             # stop() cut the delay short: leave without answering, as a dying server would.
-            collector._record(dataclasses.replace(request, status=0), None)
+            collector._record(dataclasses.replace(request, status=0), None, wire_size)
             self.close_connection = True
             return
         if answer.disconnect:
-            collector._record(dataclasses.replace(request, status=0), None)
+            collector._record(dataclasses.replace(request, status=0), None, wire_size)
             self.close_connection = True
             return
         if answer.status != status:
             request = dataclasses.replace(request, status=answer.status)
-        recorded = collector._record(request, events)
+        recorded = collector._record(request, events, wire_size)
         if recorded.status != request.status:  # the store write failed
             answer = _Answer(
                 recorded.status,

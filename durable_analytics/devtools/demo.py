@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .client import Analytics
+from ..client import Analytics
+from ..config import ENV_PREFIX
+from ..paths import DB_NAME, ensure_private_dir
+from ..reader import open_reader
 from .collector import Collector
-from .config import ENV_PREFIX
-from .paths import DB_NAME, ensure_private_dir
-from .reader import open_reader
 
 __all__ = ["DEMO_APP_ID", "DemoError", "DemoResult", "report", "run", "worker"]
 
