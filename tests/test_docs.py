@@ -40,7 +40,7 @@ from durable_analytics.collector import Collector
 from durable_analytics.config import ENV_PREFIX, Config
 from durable_analytics.events import EVENT_NAMES
 from durable_analytics.queue import SQLiteQueue
-from durable_analytics.stats import DROP_REASONS
+from durable_analytics.stats import DROP_REASONS, StatsSnapshot
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = tuple(sorted(p.name for p in DOCS.glob("*.md")))
@@ -326,6 +326,13 @@ def test_delivery_documents_every_drop_reason() -> None:
     table = section((DOCS / "delivery.md").read_text(), "## What counts as dropped")
     documented = {row[0].strip("`") for row in table_rows(table) if row[0].startswith("`")}
     assert documented == set(DROP_REASONS)
+
+
+def test_delivery_documents_every_stats_key() -> None:
+    """The 'Counters' table lists exactly the keys of `StatsSnapshot` (what stats() returns)."""
+    table = section((DOCS / "delivery.md").read_text(), "## Counters")
+    documented = {row[0].strip("`") for row in table_rows(table) if row[0].startswith("`")}
+    assert documented == set(StatsSnapshot.__annotations__)
 
 
 def test_wire_formats_document_every_event_name() -> None:
