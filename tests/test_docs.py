@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import inspect
 import os
 import re
 import shlex
@@ -33,6 +34,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import durable_analytics
 from durable_analytics import Analytics
 from durable_analytics import cli as cli_module
 from durable_analytics.cli import cli
@@ -333,6 +335,24 @@ def test_delivery_documents_every_stats_key() -> None:
     table = section((DOCS / "delivery.md").read_text(), "## Counters")
     documented = {row[0].strip("`") for row in table_rows(table) if row[0].startswith("`")}
     assert documented == set(StatsSnapshot.__annotations__)
+
+
+def test_the_porting_guide_names_only_our_real_options_and_methods() -> None:
+    """Every name in the 'durable_analytics' column of porting.md's tables is an `Analytics`
+    keyword, method or module-level function, and the alias row states the real order."""
+    text = (DOCS / "porting.md").read_text()
+    keywords = set(inspect.signature(Analytics.__init__).parameters)
+    options = table_rows(section(text, "## Options"))[1:]
+    named = {n for row in options for n in re.findall(r"`([a-z_]+)`", row[2])}
+    assert named and named <= keywords, named - keywords
+    methods = table_rows(section(text, "## Methods"))[1:]
+    called = {n for row in methods for n in re.findall(r"(\w+)\(", row[2])}
+    missing = {n for n in called if not hasattr(Analytics, n) and not hasattr(durable_analytics, n)}
+    assert called and not missing, missing
+    first, second = list(inspect.signature(Analytics.alias).parameters)[1:3]
+    assert f"`alias({first}, {second})`" in section(
+        text, "## Warning: `alias` takes its ids the other way round"
+    )
 
 
 def test_wire_formats_document_every_event_name() -> None:
