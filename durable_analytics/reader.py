@@ -65,6 +65,7 @@ SELECT_QUEUE_TABLES: Final = (
 )
 _QUEUE_TABLES: Final = frozenset({"events", "dead_letter", "queue_meta", "queue_counts"})
 SELECT_ALL_META: Final = "SELECT key, value FROM queue_meta ORDER BY key"
+SELECT_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints ORDER BY name"
 # Filters travel as JSON arrays (or NULL for "any"), so one prepared statement serves every
 # combination of them. created_at is ISO-8601 UTC text of one fixed width, so text comparison
 # is time comparison.
@@ -285,6 +286,12 @@ class QueueReader:
         """Dead letters (with an id above ``after_id``) counted by reason, most frequent first."""
         rows = self._query(SELECT_DEAD_LETTERS_BY_REASON, (after_id,))
         return [(str(row[0]), int(row[1])) for row in rows]
+
+    def checkpoints(self) -> dict[str, tuple[str, str]]:
+        """Each batch job's checkpoint: name -> (value, updated_at); empty before schema 4."""
+        if self.schema_version() < 4:
+            return {}
+        return {str(n): (str(v), str(at)) for n, v, at in self._query(SELECT_CHECKPOINTS)}
 
     def count(self, where: EventFilter, *, dead_letters: bool = False) -> int:
         """How many pending events (or dead letters) ``where`` selects (a scan)."""

@@ -231,3 +231,24 @@ def test_a_job_killed_at_random_and_resumed_neither_loses_nor_duplicates(
         first = json.loads(conn.execute("SELECT payload FROM events LIMIT 1").fetchone()[0])
     assert value == str(total)
     assert first["timestamp"] == "2024-01-01T00:00:00.000Z"
+
+
+def test_status_shows_each_checkpoint(make_client: Any, queue_dir: Path) -> None:
+    """durable-analytics status lists every batch job's checkpoint (value and when), in the
+    table and in --json, read-only."""
+    from click.testing import CliRunner
+
+    from durable_analytics.cli import cli
+
+    client = make_client(send=False)
+    with client.batch() as batch:
+        batch.track("u1", "Row Imported")
+        batch.checkpoint("orders-import", "1000")
+    client.shutdown()
+    runner = CliRunner()
+    as_json = runner.invoke(cli, ["status", "--dir", str(queue_dir), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    info = json.loads(as_json.stdout)
+    assert info["checkpoints"]["orders-import"]["value"] == "1000"
+    table = runner.invoke(cli, ["status", "--dir", str(queue_dir)])
+    assert "orders-import 1000" in table.stdout

@@ -1,18 +1,25 @@
 """The docs are true: their code runs, and their tables match the code.
 
-Runnable blocks: every ```python and ```sh block in docs/*.md runs, unless the line before its
-fence is ``<!-- norun -->`` (``pip install``, a server that runs until Ctrl-C, framework
-glue). Each block runs in a fresh working directory whose ``TMPDIR`` holds the default queue
-root, with ``DURABLE_ANALYTICS_BASE_URL`` pointing at a real local collector. Shell blocks run
-with ``bash -euo pipefail`` against a real queue for app ``my-app`` (pending events, retried
-events and dead letters), whose file is also in ``$Q``; the ``sqlite3`` recipes run through the
-sqlite3 shell, or through Python's sqlite3 where the shell is not installed.
+Runnable blocks: every ```python and ```sh block of every page in docs/ (found by listing the
+directory, so a new page is covered without editing this file) runs, unless the line before its
+fence is ``<!-- norun -->`` or ``<!-- norun: why -->`` (``pip install``, a server that runs until
+Ctrl-C, a framework project's settings). Each block runs in a fresh working directory whose
+``TMPDIR`` holds the default queue root, with ``DURABLE_ANALYTICS_BASE_URL`` pointing at a real
+local collector. Shell blocks run with ``bash -euo pipefail`` against a real queue (pending
+events, retried events and dead letters) for the app their page names with ``--app-id``, whose
+file is also in ``$Q``; the ``sqlite3`` recipes run through the sqlite3 shell, or through
+Python's sqlite3 where the shell is not installed.
+
+Each page uses its own app ids, so running one page's examples after another's never ships the
+first page's leftover events from the second.
 """
 
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
+import inspect
 import os
 import re
 import shlex
@@ -27,6 +34,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import durable_analytics
 from durable_analytics import Analytics
 from durable_analytics import cli as cli_module
 from durable_analytics.cli import cli
@@ -34,25 +42,19 @@ from durable_analytics.config import ENV_PREFIX, Config
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.events import EVENT_NAMES
 from durable_analytics.queue import SQLiteQueue
-from durable_analytics.stats import DROP_REASONS
+from durable_analytics.stats import DROP_REASONS, StatsSnapshot
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-OWN_PAGES = (
-    "index.md",
-    "quickstart.md",
-    "configuration.md",
-    "delivery.md",
-    "inspecting.md",
-    "operations.md",
-    "wire-formats.md",
-    "cli.md",
-    "network.md",
-    "batch-jobs.md",
-    "metrics.md",
-    "testing.md",
-    "changelog.md",
+PAGES = tuple(sorted(p.name for p in DOCS.glob("*.md")))
+#: A benchmark report and the release history are not read in one sitting; the guides are.
+LONG_PAGES = frozenset({"performance.md", "changelog.md"})
+NORUN = re.compile(r"<!-- norun(?::[^>]*)? -->")
+#: ``--app-id NAME`` in a shell command.
+APP_ID_OPTION = re.compile(r"--app-id[ =]([A-Za-z0-9._-]+)")
+#: Every way an example names an app: the keyword, the option, the variable, a settings dict.
+APP_ID_USE = re.compile(
+    r"""(?:\bapp_id=["']|--app-id[ =]|APP_ID=|["']app_id["']: ["'])([A-Za-z0-9._-]+)"""
 )
-NORUN = "<!-- norun -->"
 TIMEOUT = 60.0
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
@@ -76,12 +78,12 @@ def blocks(page: str) -> list[Block]:
         before = text[: match.start()].rstrip("\n").splitlines()
         marker = before[-1].strip() if before else ""
         line = text.count("\n", 0, match.start()) + 1
-        found.append(Block(page, line, match[1], match[2], marker != NORUN))
+        found.append(Block(page, line, match[1], match[2], not NORUN.fullmatch(marker)))
     return found
 
 
 def runnable(language: str) -> list[Block]:
-    return [b for page in OWN_PAGES for b in blocks(page) if b.language == language and b.runnable]
+    return [b for page in PAGES for b in blocks(page) if b.language == language and b.runnable]
 
 
 def section(text: str, heading: str) -> str:
@@ -116,11 +118,19 @@ def block_env(workdir: Path, collector: Collector, **extra: str) -> dict[str, st
     return env
 
 
-def make_queue(workdir: Path) -> Path:
-    """The queue the shell blocks talk about: app my-app in the default root under TMPDIR."""
-    directory = workdir / "layers-sdk" / "my-app"
+def queue_app(page: str) -> str:
+    """The app a page's shell blocks talk about: the one they name most with ``--app-id``
+    (cli.md also names a missing app once, to show the error), else a placeholder."""
+    code = "\n".join(b.code for b in blocks(page) if b.language == "sh")
+    named = collections.Counter(APP_ID_OPTION.findall(code)).most_common(1)
+    return named[0][0] if named else "docs-shell"
+
+
+def make_queue(workdir: Path, app_id: str = "docs-shell") -> Path:
+    """A queue a shell block talks about: ``app_id`` in the default root under TMPDIR."""
+    directory = workdir / "layers-sdk" / app_id
     with Analytics(
-        app_id="my-app", persistence_dir=directory, send=False, handle_signals=False
+        app_id=app_id, persistence_dir=directory, send=False, handle_signals=False
     ) as client:
         for n in range(30):
             user = f"user-{n % 3}"
@@ -128,7 +138,7 @@ def make_queue(workdir: Path) -> Path:
                 client.track(user, "page_view", {"path": f"/docs/{n % 4}"})
             else:
                 client.track(user, "signup" if n % 3 == 1 else "search", {"n": n})
-    queue = SQLiteQueue(directory, "my-app")
+    queue = SQLiteQueue(directory, app_id)
     try:
         oldest = [e.id for e in queue.read_batch(3, 10**7)]
         queue.move_to_dead_letter(oldest[:2], "rejected_400", 400)
@@ -156,7 +166,7 @@ def test_python_blocks_run(block: Block, workdir: Path, collector: Collector) ->
 @pytest.mark.parametrize("block", runnable("sh"), ids=str)
 def test_sh_blocks_run(block: Block, workdir: Path, collector: Collector) -> None:
     """Each runnable shell block (CLI commands, sqlite3 recipes) exits 0 and prints something."""
-    db = make_queue(workdir)
+    db = make_queue(workdir, queue_app(block.page))
     env = block_env(workdir, collector, Q=str(db))
     if shutil.which("sqlite3", path=env["PATH"]) is None and "sqlite3 " in block.code:
         run_sqlite_lines_in_python(block.code, db)
@@ -194,7 +204,7 @@ def run_sqlite_lines_in_python(code: str, db: Path) -> None:
 @pytest.mark.parametrize("block", [b for b in runnable("sh") if "sqlite3 " in b.code], ids=str)
 def test_sqlite_recipes_run_in_pythons_sqlite3(block: Block, workdir: Path) -> None:
     """Each recipe's SQL also runs in Python's sqlite3 (the fallback without the shell)."""
-    run_sqlite_lines_in_python(block.code, make_queue(workdir))
+    run_sqlite_lines_in_python(block.code, make_queue(workdir, queue_app(block.page)))
 
 
 def test_the_sqlite_recipes_cover_what_operators_ask() -> None:
@@ -208,10 +218,34 @@ def test_the_sqlite_recipes_cover_what_operators_ask() -> None:
 
 def test_some_blocks_are_run_and_few_are_skipped() -> None:
     """The marker is used sparingly: most code in the docs is executed."""
-    every = [b for page in OWN_PAGES for b in blocks(page) if b.language in ("python", "sh")]
+    every = [b for page in PAGES for b in blocks(page) if b.language in ("python", "sh")]
     skipped = [b for b in every if not b.runnable]
     assert len(every) >= 25
     assert len(skipped) <= len(every) // 3, [str(b) for b in skipped]
+
+
+def test_each_page_uses_its_own_app_ids() -> None:
+    """No two pages' examples name the same app, so one page's leftover events (queued by an
+    example that didn't deliver them) are never shipped by the next page's examples."""
+    owner: dict[str, str] = {}
+    for page in PAGES:
+        code = "\n".join(b.code for b in blocks(page) if b.language in ("python", "sh"))
+        for app in sorted(set(APP_ID_USE.findall(code))):
+            assert app not in owner, (
+                f"{page} and {owner.get(app)} both use app id {app!r}: give each page its own"
+            )
+            owner[app] = page
+    assert len(owner) >= len(PAGES) // 2
+
+
+def test_pages_define_the_variables_their_blocks_use() -> None:
+    """A page whose shell blocks use ``$Q`` sets ``Q=`` in that block or an earlier one: a
+    reader pasting the blocks in order has it (the test's own ``$Q`` would hide the gap)."""
+    for page in PAGES:
+        defined = False
+        for block in (b for b in blocks(page) if b.language == "sh"):
+            defined = defined or re.search(r"^Q=", block.code, re.M) is not None
+            assert defined or "$Q" not in block.code, f"{block} uses $Q before the page sets it"
 
 
 # --- the CLI reference --------------------------------------------------------------------------
@@ -296,6 +330,31 @@ def test_delivery_documents_every_drop_reason() -> None:
     assert documented == set(DROP_REASONS)
 
 
+def test_delivery_documents_every_stats_key() -> None:
+    """The 'Counters' table lists exactly the keys of `StatsSnapshot` (what stats() returns)."""
+    table = section((DOCS / "delivery.md").read_text(), "## Counters")
+    documented = {row[0].strip("`") for row in table_rows(table) if row[0].startswith("`")}
+    assert documented == set(StatsSnapshot.__annotations__)
+
+
+def test_the_porting_guide_names_only_our_real_options_and_methods() -> None:
+    """Every name in the 'durable_analytics' column of porting.md's tables is an `Analytics`
+    keyword, method or module-level function, and the alias row states the real order."""
+    text = (DOCS / "porting.md").read_text()
+    keywords = set(inspect.signature(Analytics.__init__).parameters)
+    options = table_rows(section(text, "## Options"))[1:]
+    named = {n for row in options for n in re.findall(r"`([a-z_]+)`", row[2])}
+    assert named and named <= keywords, named - keywords
+    methods = table_rows(section(text, "## Methods"))[1:]
+    called = {n for row in methods for n in re.findall(r"(\w+)\(", row[2])}
+    missing = {n for n in called if not hasattr(Analytics, n) and not hasattr(durable_analytics, n)}
+    assert called and not missing, missing
+    first, second = list(inspect.signature(Analytics.alias).parameters)[1:3]
+    assert f"`alias({first}, {second})`" in section(
+        text, "## Warning: `alias` takes its ids the other way round"
+    )
+
+
 def test_wire_formats_document_every_event_name() -> None:
     """The method-to-event table names every mapped method and its Layers event name."""
     table = section((DOCS / "wire-formats.md").read_text(), "## How each method maps to an event")
@@ -337,6 +396,7 @@ def test_index_links_every_page_and_every_link_resolves() -> None:
 
 
 def test_pages_are_short() -> None:
-    """Each page stays short enough to read in one sitting."""
-    for page in OWN_PAGES:
-        assert len((DOCS / page).read_text().splitlines()) <= 260, page
+    """Each guide stays short enough to read in one sitting."""
+    for page in PAGES:
+        if page not in LONG_PAGES:
+            assert len((DOCS / page).read_text().splitlines()) <= 260, page

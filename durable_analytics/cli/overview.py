@@ -189,6 +189,10 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
         info["last_id"] = reader.last_id()
         info["pending_by_event"] = dict(reader.pending_by_event(10))
         info["dead_letters_by_reason"] = dict(reader.dead_letters_by_reason())
+        info["checkpoints"] = {
+            name: {"value": value, "updated_at": at}
+            for name, (value, at) in reader.checkpoints().items()
+        }
     if as_json:
         _echo_json(info)
         return
@@ -205,5 +209,16 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
         ("size", f"{format_size(info['file_bytes'])} (database + WAL)"),
         ("flusher", flusher),
         ("created", info["created_at"] or "-"),
+        (
+            "checkpoints",
+            ", ".join(
+                f"{k} {v['value']} ({v['updated_at']})" for k, v in info["checkpoints"].items()
+            )
+            or "-",
+        ),
     ):
         click.echo(f"{key:<13}{value}")
+
+
+def _checkpoints_line(checkpoints: dict[str, dict[str, str]]) -> str:
+    return ", ".join(f"{k} {v['value']} ({v['updated_at']})" for k, v in checkpoints.items()) or "-"

@@ -64,11 +64,16 @@ class DemoResult:
     delivered: int
     duplicates: int
     lost: int
+    #: Events still on disk at the end (0 when worker 2 delivered everything).
+    waiting: int
     unreported: int
     killed_after: int
     delivered_at_kill: int
     pending_at_kill: int
     pending_by_event_at_kill: dict[str, int]
+    #: Events both delivered and still on disk at the kill: their batch was answered 2xx but
+    #: the delete had not committed, so worker 2 sends them again (the duplicates).
+    in_flight_at_kill: int
     seconds: float
     collector_url: str
     queue_path: str
@@ -230,7 +235,7 @@ def run(
     queue_dir = root / "queue"
     received = root / "received.jsonl"
     tracked: list[str] = []
-    delivered_at_kill = 0
+    delivered_ids_at_kill: set[str | None] = set()
     with Collector(store_path=received) as collector:
         say(f"collector  {collector.url} (in this process; events also go to {received})")
         say(f"queue      {queue_dir / DB_NAME}")
@@ -246,7 +251,8 @@ def run(
                         bar.update(1)
                         if len(tracked) == kill_after:
                             first.process.kill()  # SIGKILL: nothing runs in the worker after this
-                            delivered_at_kill = len(set(collector.message_ids()))
+                            first.process.wait(timeout=_DEADLINE)
+                            delivered_ids_at_kill = set(collector.message_ids())
             first.process.wait(timeout=_DEADLINE)
             if len(tracked) < kill_after:
                 raise DemoError(
@@ -258,10 +264,20 @@ def run(
         with open_reader(queue_dir) as reader:
             pending_at_kill = reader.depth()
             by_event = {str(name): count for name, count in reader.pending_by_event(10)}
+            in_flight = len({e.message_id for e in reader.iter_events()} & delivered_ids_at_kill)
+        delivered_at_kill = len(delivered_ids_at_kill)
         say(
             f"SIGKILL worker 1 (pid {pids[0]}) after {len(tracked)} events: "
             f"{delivered_at_kill} delivered, {pending_at_kill} waiting on disk"
         )
+        if in_flight:
+            # Otherwise delivered + waiting > tracked looks like a counting bug.
+            total = delivered_at_kill + pending_at_kill - in_flight
+            say(
+                f"  {delivered_at_kill} + {pending_at_kill} - {in_flight} = {total}: "
+                f"{in_flight} waiting events were also delivered (batch in flight: 2xx "
+                "received, delete not committed); worker 2 resends them, same message_id"
+            )
         rest = events - len(tracked)
         say(f"worker 2 opens the same queue, ships what worker 1 left and tracks {rest} more ...")
         second = _Worker(queue_dir, collector.url, rest, len(tracked), rate, root / "worker2.log")
@@ -288,6 +304,8 @@ def run(
             timeout=max(0.0, deadline - time.monotonic()),
         )
         ids = collector.message_ids()
+    with open_reader(queue_dir) as reader:
+        waiting = reader.depth()
     unique = {i for i in ids if i is not None}
     return DemoResult(
         events=events,
@@ -295,11 +313,13 @@ def run(
         delivered=len(unique),
         duplicates=len(ids) - len(unique),
         lost=len(wanted - unique),
+        waiting=waiting,
         unreported=len(unique - wanted),
         killed_after=kill_after,
         delivered_at_kill=delivered_at_kill,
         pending_at_kill=pending_at_kill,
         pending_by_event_at_kill=by_event,
+        in_flight_at_kill=in_flight,
         seconds=round(time.monotonic() - began, 2),
         collector_url=collector.url,
         queue_path=str(queue_dir / DB_NAME),
@@ -315,11 +335,20 @@ def report(result: DemoResult) -> list[str]:
         "",
         f"result after {result.seconds:.1f}s",
         f"  tracked     {result.tracked:>6}   track() returned for these message_ids",
-        f"  delivered   {result.delivered:>6}   unique message_ids the collector accepted",
-        f"  duplicates  {result.duplicates:>6}   received more than once (at-least-once; "
-        "de-duplicate by message_id)",
+        f"  delivered   {result.delivered:>6}   distinct message_ids the collector accepted",
+        f"  waiting     {result.waiting:>6}   still on disk",
+        f"  duplicates  {result.duplicates:>6}   deliveries of a message_id already received",
         f"  lost        {result.lost:>6}   tracked but never delivered",
     ]
+    delivered_tracked = result.delivered - result.unreported
+    if result.tracked == delivered_tracked + result.waiting:
+        balance = (
+            f"  tracked = delivered + waiting: {result.tracked} = {delivered_tracked} + "
+            f"{result.waiting}"
+        )
+        if result.duplicates:
+            balance += f"; {result.duplicates} duplicates (resent after the kill; same message_id)"
+        lines.append(balance)
     if result.unreported:
         lines.append(
             f"  unreported  {result.unreported:>6}   committed by worker 1 just before the kill, "
