@@ -31,7 +31,6 @@ def make_app(name: str, broker_dir: str | os.PathLike[str]) -> Celery:
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
         worker_enable_remote_control=False,
     )
     return app
