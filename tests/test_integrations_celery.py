@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from durable_analytics import Analytics, analytics_context, get_context
 from durable_analytics.collector import Collector
@@ -289,6 +290,45 @@ def test_a_pool_process_replaced_after_max_tasks_per_child_delivers_before_it_ex
     events = events_by_id(collector, tracked)
     assert {e["app_user_id"] for e in events.values()} == {"u42"}
     assert worker.proc.poll() is None
+
+
+def test_an_embedded_worker_binds_the_context_and_leaves_the_client_usable_when_it_stops(
+    tmp_path: Path, collector: Collector
+) -> None:
+    """Celery's start_worker (a solo worker in a thread, as in users' test suites) runs the
+    task with the sender's context; when it stops, worker_shutdown flushes the client but
+    does not close it, since the process lives on."""
+    from celery.contrib.testing.worker import start_worker
+
+    app = Celery("embedded", broker="memory://", backend="cache+memory://")
+    app.conf.broker_transport_options = {"polling_interval": 0.05}
+    client = Analytics(
+        app_id="embedded",
+        persistence_dir=tmp_path / "q",
+        base_url=collector.url,
+        flush_interval=60,
+        handle_signals=False,
+    )
+    try:
+        setup(client, app)
+
+        @app.task
+        def tracked() -> str:
+            context = get_context()
+            assert context is not None
+            return client.track(context.distinct_id, "embedded_ran", dict(context.properties))
+
+        with start_worker(app, pool="solo", perform_ping_check=False) as worker:
+            with analytics_context("u5", {"plan": "team"}):
+                message_id = tracked.delay().get(timeout=DEADLINE)
+            assert collector.event_count == 0
+            worker.stop()  # a warm shutdown: worker_shutdown is sent
+        (event,) = collector.events
+        assert event["event_id"] == message_id
+        assert event["app_user_id"] == "u5" and event["properties"] == {"plan": "team"}
+        client.track("u5", "after_the_worker")  # not closed
+    finally:
+        client.shutdown(timeout=1.0)
 
 
 # --- workers stopped by the tests -----------------------------------------------------------

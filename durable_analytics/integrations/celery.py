@@ -28,10 +28,12 @@ Once set up, in the process that sends a task and in the worker that runs it:
   own on its first ``track()``. That hook runs at every fork, including the replacements
   Celery forks under ``worker_max_tasks_per_child``, before any Celery signal could.
 - **Shutdown**: pool processes end with ``os._exit``, which skips ``atexit``, so
-  ``worker_process_shutdown`` (in each pool process) and ``worker_shutdown`` (in the main
-  process, after a warm shutdown has let the running tasks finish) call ``shutdown()`` on each
-  client given to `setup`, each bounded by its ``shutdown_timeout``. What is not delivered by
-  then stays on disk for the next process that opens the queue.
+  ``worker_process_shutdown`` (in each pool process, also when one is replaced under
+  ``worker_max_tasks_per_child``) calls ``shutdown()`` on each client given to `setup`.
+  ``worker_shutdown`` (in the main process, once a warm shutdown has let the running tasks
+  finish) flushes them; the process then exits normally and ``atexit`` shuts them down. Each
+  step is bounded by the client's ``shutdown_timeout``; what is not delivered by then stays on
+  disk for the next process that opens the queue.
 
 The signal handlers are process-wide (Celery's signals are global): calling `setup` again,
 for the same or another app or client, connects nothing twice and adds the client to those
@@ -111,8 +113,8 @@ def setup(analytics: Analytics, celery_app: Any) -> None:
             (signals.before_task_publish, _on_publish),
             (signals.task_prerun, _on_prerun),
             (signals.task_postrun, _on_postrun),
-            (signals.worker_process_shutdown, _on_worker_stop),
-            (signals.worker_shutdown, _on_worker_stop),
+            (signals.worker_process_shutdown, _on_process_exit),
+            (signals.worker_shutdown, _on_worker_shutdown),
         ):
             signal.connect(receiver, weak=False, dispatch_uid=_UID)
         _connected = True
@@ -247,12 +249,31 @@ def _on_postrun(task_id: str | None = None, **_: Any) -> None:
 # --- stopping --------------------------------------------------------------------------------
 
 
-def _on_worker_stop(**_: Any) -> None:
-    """``worker_process_shutdown`` / ``worker_shutdown``: final bounded flush of each client."""
-    with _lock:
-        clients = list(_clients)
-    for client in clients:
+def _on_process_exit(**_: Any) -> None:
+    """``worker_process_shutdown``, in a pool process about to ``os._exit`` (no ``atexit``):
+    the final ``shutdown()`` of each client, each bounded by its ``shutdown_timeout``."""
+    for client in _registered():
         try:
             client.shutdown()
         except Exception:
             logger.exception("durable_analytics: shutdown of %r failed", client)
+
+
+def _on_worker_shutdown(**_: Any) -> None:
+    """``worker_shutdown``, in the worker's main process once its pool has stopped: flush
+    each client within its ``shutdown_timeout``.
+
+    A flush, not a shutdown: the process goes on to exit normally, where the ``atexit`` hook
+    shuts the clients down, and a worker embedded in a process that lives on (Celery's
+    ``start_worker`` in a test suite) must leave the process's client usable.
+    """
+    for client in _registered():
+        try:
+            client.flush(timeout=client.config.shutdown_timeout)
+        except Exception:
+            logger.exception("durable_analytics: flush of %r failed", client)
+
+
+def _registered() -> list[Analytics]:
+    with _lock:
+        return list(_clients)
