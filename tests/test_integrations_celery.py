@@ -10,6 +10,7 @@ on files and on the local collector, with deadlines, and compare message ids.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -91,8 +92,11 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL the main process and the pool at once, then reap the main process."""
-        if self.proc.poll() is None:
+        """SIGKILL the main process and the pool at once, then reap the main process.
+
+        The whole session, even after the main process exited: no pool process outlives a test.
+        """
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(DEADLINE)
 
@@ -299,7 +303,13 @@ def test_an_embedded_worker_binds_the_context_and_leaves_the_client_usable_when_
     task with the sender's context; when it stops, worker_shutdown flushes the client but
     does not close it, since the process lives on."""
     from celery.contrib.testing.worker import start_worker
+    from celery.signals import setup_logging
 
+    def keep_logging_as_it_is(**_: Any) -> None:
+        """A receiver makes Celery leave the root logger alone: an embedded worker would
+        otherwise replace pytest's handlers with its own for the rest of the session."""
+
+    setup_logging.connect(keep_logging_as_it_is)
     app = Celery("embedded", broker="memory://", backend="cache+memory://")
     app.conf.broker_transport_options = {"polling_interval": 0.05}
     client = Analytics(
@@ -328,6 +338,7 @@ def test_an_embedded_worker_binds_the_context_and_leaves_the_client_usable_when_
         assert event["app_user_id"] == "u5" and event["properties"] == {"plan": "team"}
         client.track("u5", "after_the_worker")  # not closed
     finally:
+        setup_logging.disconnect(keep_logging_as_it_is)
         client.shutdown(timeout=1.0)
 
 
