@@ -70,8 +70,8 @@ _UID: Final = "durable_analytics.integrations.celery"
 
 _lock = threading.Lock()
 _connected = False
-#: Clients that `setup` was given, shut down when the worker (or a pool process) stops. Strong
-#: references: ``setup(Analytics(...), app)`` must keep working without the caller's.
+#: Clients that `setup` was given, flushed or shut down when the worker or a pool process
+#: stops. Strong references: ``setup(Analytics(...), app)`` must work without the caller's.
 _clients: list[Analytics] = []
 #: Tokens of the contexts bound by ``task_prerun``, by task id and thread (a threads or
 #: greenlet pool runs several tasks in one process at once).
@@ -84,8 +84,8 @@ def setup(analytics: Analytics, celery_app: Any) -> None:
     Call it where both the sending code and the worker import it, usually right after the
     Celery app is created. See the module docstring for what each signal does.
 
-    :param analytics: the client to shut down (bounded by its ``shutdown_timeout``) when a
-        worker or one of its pool processes stops.
+    :param analytics: the client to flush when the worker stops, and to shut down when a
+        pool process exits (each bounded by its ``shutdown_timeout``).
     :param celery_app: the ``celery.Celery`` application.
     :raises ConfigurationError: ``analytics`` is not an `Analytics`, or ``celery_app`` not a
         Celery application.
