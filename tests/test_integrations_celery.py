@@ -179,8 +179,9 @@ def test_the_senders_context_is_bound_while_the_task_runs_in_each_pool_process(
     shared: tuple[Sender, Collector, Worker],
 ) -> None:
     """Tasks sent inside analytics_context("u42", ...) track as u42 with the context's
-    properties in both prefork processes; tasks they send carry it on; a task sent without a
-    context, run afterwards by the same processes, sees none (the context was reset)."""
+    properties in both prefork processes; tasks they send, and their retries, carry it on; a
+    task sent without a context, run afterwards by the same processes, sees none (the context
+    was reset)."""
     sender, collector, _ = shared
     when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
     request = uuid.uuid4()
@@ -190,11 +191,13 @@ def test_the_senders_context_is_bound_while_the_task_runs_in_each_pool_process(
         # Two tasks that hold until both have tracked: one in each pool process.
         held = [sender.send(f"ctx-{n}", events=2, hold_until=release) for n in range(2)]
         spawner = sender.send("ctx-spawn", spawn=True)
+        sender.app.send_task("retried", args=["ctx-retried", str(sender.markers)])
     markers = {seq: sender.marker(seq) for seq in held}
     assert len({m["pid"] for m in markers.values()}) == 2, "both pool processes ran a task"
     Path(release).touch()
     markers[spawner] = sender.marker(spawner)
     markers["child"] = sender.marker(spawner + ".child")
+    markers["retried"] = sender.marker("ctx-retried")
     plain = [sender.send(f"ctx-plain-{n}") for n in range(6)]
     plain_markers = [sender.marker(seq) for seq in plain]
 
@@ -207,7 +210,7 @@ def test_the_senders_context_is_bound_while_the_task_runs_in_each_pool_process(
     for marker in markers.values():
         assert marker["context"] == {"distinct_id": "u42", "properties": expected}
     events = events_by_id(collector, [i for m in markers.values() for i in m["ids"]])
-    assert len(events) == 6
+    assert len(events) == 7
     for event in events.values():
         assert event["app_user_id"] == "u42"
         assert {k: event["properties"][k] for k in expected} == expected

@@ -52,6 +52,14 @@ def work(
         write_marker(Path(marker_dir, f"{seq}.after.json"), track(seq, events, after))
 
 
+@app.task(name="retried", bind=True)
+def retried(self: Any, seq: str, marker_dir: str) -> None:
+    """Retry once (a new message, sent from inside the task), then track and write a marker."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0)
+    write_marker(Path(marker_dir, f"{seq}.json"), track(seq, 0, 1))
+
+
 def track(seq: str, first: int, count: int) -> list[str]:
     properties = {"seq": seq, "pid": os.getpid()}
     return [
