@@ -1,32 +1,14 @@
-"""`Analytics`: the client. Event methods -> events.build -> queue.append, then the flusher ships.
+"""`Analytics`: the client. Event methods -> events.build -> writing.Writer -> queue, then the
+flusher ships.
 
 Every event method validates and encodes its event, commits it to the on-disk queue, and only
 then returns its ``message_id``. Bad arguments raise `ValidationError` (nothing queued is
-touched); infrastructure faults (disk full, read-only, locked) never raise into the caller:
-they are counted in ``stats()['dropped']['storage_error']``, logged, and reported once per
-streak to the error listeners.
-
-Why a counted drop and not an in-memory spill while the disk is full or read-only: the
-promise is "on disk when `track()` returns". A spill would return for events that die with
-the process, the very loss this library exists to prevent, only silent; a full disk is the
-host's problem and must be visible. So the event is dropped, counted under a named reason,
-logged and reported once per streak (not per event), and the queue is used again as soon
-as it accepts writes; what was already on disk is untouched.
-
-What `track()` absorbs, and its time bound:
-
-- A queue locked by another process (``SQLITE_BUSY``): SQLite's busy handler waits up to
-  ``busy_timeout`` (5 s), then `track()` retries with jitter for up to 0.25 s more before
-  counting the drop. Busy errors that skip the handler (another process recovering the WAL
-  after a crash) are absorbed by that retry.
-- A damaged queue file: moved aside (kept), a fresh queue started, the event written there.
-- A queue file deleted by a temp cleaner: noticed on the next write, which goes to a new
-  file; the events that were pending in the deleted one are counted as ``file_lost``.
-- A directory that can't be written at startup (read-only, full): the client starts anyway;
-  events are counted as dropped until opening succeeds (retried at most once a second).
+touched); infrastructure faults never raise into the caller of `track()` (writing.py says
+what is absorbed and how). This module is the lifecycle: options, the parts wired together,
+consent, hooks, batches, flush and shutdown, fork.
 
 Unsafe paths (symlinks, foreign owners, loose modes, network filesystems), another app's
-queue and a newer schema still raise from the constructor: they need a configuration change.
+queue and a newer schema raise from the constructor: they need a configuration change.
 """
 
 from __future__ import annotations
@@ -37,15 +19,14 @@ import itertools
 import json
 import logging
 import os
-import random
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import EllipsisType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import signals
 from ._version import __version__
@@ -57,10 +38,6 @@ from .errors import (
     DurableAnalyticsError,
     EventTooLargeError,
     HookError,
-    QueueCorruptError,
-    QueueFullError,
-    QueueReplacedError,
-    StorageBusyError,
     StorageError,
     StorageUnavailableError,
     ValidationError,
@@ -80,6 +57,7 @@ from .paths import ensure_private_dir
 from .queue import SQLiteQueue
 from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
+from .writing import Writer, with_events
 
 if TYPE_CHECKING:  # typing.Unpack is 3.11+; only type checkers read it (annotations are lazy)
     pass
@@ -93,24 +71,17 @@ ErrorListener = Callable[[DurableAnalyticsError], object]
 #: not) to store it, or None to drop it.
 BeforeSend = Callable[[dict[str, Any]], "Mapping[str, Any] | None"]
 
-E = TypeVar("E", bound=DurableAnalyticsError)
 
 _LIVE: weakref.WeakSet[Analytics] = weakref.WeakSet()
 
-# Seconds between two warnings about the same ongoing condition (a full queue).
-_LOG_INTERVAL = 10.0
 # The methods whose events get global_properties (the others' properties are traits).
 _WITH_GLOBALS = frozenset({"track", "screen", "page"})
 # Most events track_many() commits in one transaction.
 _TRACK_MANY_CHUNK = 500
-# How often a track() blocked by a full queue looks again (besides the flusher's own progress).
-_BLOCK_POLL = 0.05
 # Constructor keywords that are not Config options.
 _NOT_CONFIG = frozenset(
     {"before_send", "global_properties", "json_default", "on_error", "transport"}
 )
-# After SQLite's busy_timeout, how much longer track() retries a locked queue (with jitter).
-_BUSY_RETRY_BUDGET = 0.25
 # How much longer than its budget shutdown() on the main thread waits for its helper thread
 # (the flusher's stop and the compaction come after the flush's deadline).
 _JOIN_SLACK = 0.5
@@ -212,11 +183,6 @@ class Analytics(EventMethods):
         self._session_id = str(uuid.uuid4())
         self._stats = Stats()
         self._closed = False
-        self._storage_failing = False
-        self._storage_lock = threading.Lock()
-        self._pending_local = 0
-        self._trimmed_unlogged = 0
-        self._trimmed_logged_at = -_LOG_INTERVAL
         # Re-entrant: the host's signal handler may call shutdown() while this thread is in it.
         self._shutdown_lock = threading.RLock()
         if config.persistence_dir is None:
@@ -260,19 +226,20 @@ class Analytics(EventMethods):
             self._report,
             name=f"durable-analytics-flusher[{config.app_id}]",
         )
-        self._flusher.on_incidents = self._report_incidents
+        self._writer = Writer(self._queue, self._flusher, config, self._stats, self._report)
+        self._flusher.on_incidents = self._writer.report_incidents
         _LIVE.add(self)
         signals.register(self, install_handlers=config.handle_signals)
-        self._report_incidents()
+        self._writer.report_incidents()
         unavailable = self._queue.unavailable
         if unavailable is not None:
-            self._storage_failed(unavailable, None)
+            self._writer.storage_failed(unavailable, None)
         try:
             # No trim here: what is queued was written by other (or dead) processes, and
             # max_queue_size counts only this process's own events (SPEC).
             backlog = self._queue.depth() if config.send and unavailable is None else 0
         except StorageError as exc:
-            self._storage_failed(exc, None)
+            self._writer.storage_failed(exc, None)
             backlog = 0
         if backlog > 0:
             # A previous process left events behind: ship them without waiting for a track().
@@ -293,7 +260,7 @@ class Analytics(EventMethods):
     def _record(self, kind: str, options: EventOptions, *args: Any) -> str:
         encoded, message_id = self._prepare(kind, options, args)
         if encoded is not None:
-            self._enqueue([encoded])
+            self._writer.store([encoded])
         return message_id
 
     def _prepare(
@@ -357,7 +324,7 @@ class Analytics(EventMethods):
             yield batch
         finally:
             events, checkpoints = batch.close()
-        self._enqueue(events, checkpoints, loud=True)
+        self._writer.store(events, checkpoints, loud=True)
 
     def track_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
         """Track many events given as dicts in the object form (``event``, ``distinct_id``,
@@ -411,7 +378,7 @@ class Analytics(EventMethods):
             error.__cause__ = exc
             self._stats.record_error(error)
             logger.error("durable_analytics: %s", error)
-            self._report(_with_events(error, encoded))
+            self._report(with_events(error, encoded))
             return None
 
     def set_global_properties(self, properties: Mapping[str, Any] | None) -> None:
@@ -426,212 +393,6 @@ class Analytics(EventMethods):
                 "global_properties", f"must be a dict, got {type(properties).__name__}"
             )
         self._global_properties = None if properties is None else dict(properties)
-
-    def _enqueue(
-        self,
-        events: Sequence[EncodedEvent],
-        checkpoints: Mapping[str, str] | None = None,
-        *,
-        loud: bool = False,
-    ) -> None:
-        """Store events (and checkpoints) under the ``on_queue_full`` policy, count, wake.
-
-        A storage fault is a counted drop for `track()` (module docstring); ``loud`` (a batch)
-        raises it as well, since a job must not go on past events that were not stored.
-        """
-        config = self.config
-        if not events and not checkpoints:
-            return
-        try:
-            if len(events) == 1 and not checkpoints and config.on_queue_full == "drop_oldest":
-                trimmed = self._append(events[0])
-            else:
-                trimmed = self._append_many(events, checkpoints or {})
-        except QueueFullError:
-            self._stats.drop("queue_full", len(events))
-            raise
-        except StorageError as exc:
-            self._storage_failed(exc, events)
-            if loud:
-                raise
-            return
-        finally:
-            if self._queue.incidents:
-                self._report_incidents()
-        if self._storage_failing:
-            self._storage_recovered()
-        self._stats.add("enqueued", len(events))
-        if config.debug:
-            for encoded in events:
-                logger.debug(
-                    "durable_analytics: stored %s %r (message_id %s)",
-                    encoded.type,
-                    encoded.event,
-                    encoded.message_id,
-                )
-        if trimmed:
-            self._stats.drop("queue_full", trimmed)
-            self._warn_trimmed(trimmed)
-        if config.send and not self._closed:
-            self._flusher.ensure_started()
-            # SPEC's "queue depth that wakes the flusher", counted per process: reading the
-            # shared depth on every call would cost a query, and any process that reaches the
-            # threshold wakes a flusher that can take the flush lock and ship everyone's events.
-            # Unlocked on purpose: a lost increment only delays one wake-up.
-            self._pending_local += len(events)
-            if self._pending_local >= config.flush_threshold:
-                self._pending_local = 0
-                self._flusher.wake()
-
-    def _append(self, encoded: EncodedEvent) -> int:
-        """`SQLiteQueue.append`, absorbing a locked or damaged queue (module docstring).
-
-        The whole call, retries included, ends by one deadline: SQLite's busy_timeout plus
-        `_BUSY_RETRY_BUDGET`, however many threads wait for the same lock.
-
-        :raises StorageError: still failing; the caller counts the drop.
-        """
-        deadline = time.monotonic() + self._queue.busy_timeout + _BUSY_RETRY_BUDGET
-        try:
-            return self._queue.append(encoded, deadline=deadline)
-        except StorageBusyError:
-            delay = 0.005
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise
-                # Full jitter: processes that collided must not retry in lockstep.
-                time.sleep(min(random.uniform(0, delay), remaining))
-                try:
-                    return self._queue.append(encoded, deadline=deadline)
-                except StorageBusyError:
-                    delay = min(delay * 2, 0.1)
-        except QueueCorruptError as exc:
-            logger.error("durable_analytics: %s; moving it aside", exc)
-            self._queue.quarantine(exc)
-            return self._queue.append(encoded, deadline=deadline)
-
-    def _append_many(self, events: Sequence[EncodedEvent], checkpoints: Mapping[str, str]) -> int:
-        """`SQLiteQueue.append_many` under the ``on_queue_full`` policy.
-
-        "raise" refuses what doesn't fit; "block" waits up to ``block_timeout`` for the
-        flusher to make room (woken at once), then drops the oldest like "drop_oldest".
-
-        :raises QueueFullError: "raise", and the events don't fit.
-        :raises StorageError: the queue refused the transaction.
-        """
-        policy = self.config.on_queue_full
-        if policy == "block":
-            until = time.monotonic() + self.config.block_timeout
-            while True:
-                try:
-                    return self._append_once(events, checkpoints, require_room=True)
-                except QueueFullError:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0 or not self.config.send or self._closed:
-                        break  # no room came (or nothing here will make any): drop oldest
-                    self._flusher.ensure_started()
-                    self._flusher.wake(urgent=True)
-                    self._flusher.wait_progress(min(_BLOCK_POLL, remaining))
-        return self._append_once(events, checkpoints, require_room=policy == "raise")
-
-    def _append_once(
-        self, events: Sequence[EncodedEvent], checkpoints: Mapping[str, str], *, require_room: bool
-    ) -> int:
-        deadline = time.monotonic() + self._queue.busy_timeout + _BUSY_RETRY_BUDGET
-        try:
-            return self._queue.append_many(
-                events, checkpoints, deadline=deadline, require_room=require_room
-            )
-        except QueueCorruptError as exc:
-            logger.error("durable_analytics: %s; moving it aside", exc)
-            self._queue.quarantine(exc)
-            return self._queue.append_many(
-                events, checkpoints, deadline=deadline, require_room=require_room
-            )
-
-    def _storage_failed(self, exc: StorageError, events: Sequence[EncodedEvent] | None) -> None:
-        """Count the drop; log and report only the first failure of a streak."""
-        if events:
-            self._stats.drop("storage_error", len(events))
-        self._stats.record_error(exc)
-        with self._storage_lock:
-            first = not self._storage_failing
-            self._storage_failing = True
-        if first:
-            logger.error(
-                "durable_analytics: events can't be stored (%s); they are counted in "
-                "stats()['dropped']['storage_error'] until the queue accepts writes again",
-                exc,
-            )
-            self._report(_with_events(exc, events) if events else exc)
-
-    def _storage_recovered(self) -> None:
-        with self._storage_lock:
-            was_failing = self._storage_failing
-            self._storage_failing = False
-        if was_failing:
-            logger.warning("durable_analytics: the queue accepts events again")
-
-    def _report_incidents(self) -> None:
-        """Count, log and report what the queue recovered from (`SQLiteQueue.incidents`)."""
-        incidents = self._queue.incidents
-        while incidents:
-            try:
-                incident = incidents.popleft()
-            except IndexError:  # another thread took the last one
-                return
-            if isinstance(incident, QueueCorruptError):
-                self._stats.add("quarantined")
-                logger.error(
-                    "durable_analytics: %s; moved aside to %s (kept for inspection, mode "
-                    "0600) and started a fresh queue",
-                    incident,
-                    incident.quarantined_to,
-                )
-            elif isinstance(incident, QueueReplacedError):
-                if incident.lost:
-                    self._stats.drop("file_lost", incident.lost)
-                logger.error("durable_analytics: %s", incident)
-            else:
-                logger.error("durable_analytics: %s", incident)
-            self._stats.record_error(incident)
-            self._report(incident)
-
-    def _warn_trimmed(self, trimmed: int) -> None:
-        # At most one warning per interval: a full queue trims on every track(), and one
-        # log line per event would flood the host's logs. Each warning gives the real count
-        # since the previous one; what is left unreported is logged at shutdown.
-        now = time.monotonic()
-        with self._storage_lock:
-            self._trimmed_unlogged += trimmed
-            if now - self._trimmed_logged_at < _LOG_INTERVAL:
-                return
-            count, self._trimmed_unlogged = self._trimmed_unlogged, 0
-            self._trimmed_logged_at = now
-        self._log_trimmed(count, "since the last warning")
-
-    def _report_unlogged_trims(self) -> None:
-        """At shutdown: log the queue_full drops no rate-limited warning reported yet."""
-        # Not waiting: shutdown may run in a helper thread while the main thread, interrupted
-        # by a signal, holds this lock.
-        if not self._storage_lock.acquire(timeout=0.1):
-            return
-        try:
-            unreported, self._trimmed_unlogged = self._trimmed_unlogged, 0
-        finally:
-            self._storage_lock.release()
-        if unreported:
-            self._log_trimmed(unreported, "since the last warning (reported at shutdown)")
-
-    def _log_trimmed(self, count: int, when: str) -> None:
-        logger.warning(
-            "durable_analytics: queue full (max_queue_size=%d): dropped the %d oldest "
-            "event(s) %s; see stats()['dropped']['queue_full']",
-            self.config.max_queue_size,
-            count,
-            when,
-        )
 
     # --- consent, session, inspection -------------------------------------------------------
 
@@ -725,7 +486,7 @@ class Analytics(EventMethods):
             return self._flusher.flush(timeout)
         except StorageError as exc:
             # The queue can't be read (disk gone read-only, ...): nothing we can promise.
-            self._storage_failed(exc, None)
+            self._writer.storage_failed(exc, None)
             return False
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -741,7 +502,7 @@ class Analytics(EventMethods):
         with self._shutdown_lock:
             if self._closed:
                 return self._empty()
-            self._closed = True
+            self._closed = self._writer.closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
         if threading.current_thread() is not threading.main_thread():
             delivered = self._final_flush(budget)
@@ -778,7 +539,7 @@ class Analytics(EventMethods):
         if stopped and delivered:
             self._flusher.compact_if_drained()
         self._transport.close()
-        self._report_unlogged_trims()
+        self._writer.report_unlogged_trims()
         return delivered
 
     close = shutdown
@@ -810,17 +571,7 @@ class Analytics(EventMethods):
         self._flusher.after_fork()
         self._stats.reset_after_fork()
         self._shutdown_lock = threading.RLock()
-        self._storage_lock = threading.Lock()
-        self._pending_local = 0
-
-
-def _with_events(exc: E, events: EncodedEvent | Sequence[EncodedEvent]) -> E:
-    decoded = []
-    for event in [events] if isinstance(events, EncodedEvent) else events:
-        with contextlib.suppress(ValueError):
-            decoded.append(json.loads(event.payload))
-    exc.events = tuple(decoded)
-    return exc
+        self._writer.after_fork()
 
 
 def _with_globals(draft: Draft, global_properties: Mapping[str, Any]) -> Draft:

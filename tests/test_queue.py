@@ -356,13 +356,13 @@ def test_track_keeps_its_time_bound_while_another_process_holds_the_lock(
     import threading
     import time
 
-    from durable_analytics.client import _BUSY_RETRY_BUDGET
+    from durable_analytics.writing import BUSY_RETRY_BUDGET
 
     client = make_client(send=False)
     client.track("u", "first")
     client._queue.busy_timeout = 1.0
     client._queue.close()  # reopen with the shorter busy timeout
-    bound = 1.0 + _BUSY_RETRY_BUDGET
+    bound = 1.0 + BUSY_RETRY_BUDGET
     took: list[float] = []
     with sqlite3.connect(queue_dir / "queue.db", isolation_level=None) as blocker:
         blocker.execute("BEGIN IMMEDIATE")
