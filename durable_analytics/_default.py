@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .client import Analytics
+from .errors import ClosedError
 
 __all__ = [
     "alias",
@@ -83,7 +84,16 @@ def _forward(method: Callable[Concatenate[Analytics, P], R]) -> Callable[P, R]:
 
     @functools.wraps(method)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        result: R = getattr(default_client(), name)(*args, **kwargs)
+        client = default_client()
+        try:
+            result: R = getattr(client, name)(*args, **kwargs)
+        except ClosedError:
+            # configure() replaced the client between our read and the call: use the new one.
+            # (After shutdown() the client stays in place, so that one still raises.)
+            current = _client
+            if current is None or current is client:
+                raise
+            result = getattr(current, name)(*args, **kwargs)
         return result
 
     call.__doc__ = f"`Analytics.{name}` on the default client. {method.__doc__ or ''}"

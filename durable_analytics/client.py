@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import decimal
 import itertools
 import json
 import logging
@@ -185,6 +186,9 @@ class Analytics(EventMethods):
         self._closed = False
         # Re-entrant: the host's signal handler may call shutdown() while this thread is in it.
         self._shutdown_lock = threading.RLock()
+        # Set when the first shutdown() has finished; which thread runs it.
+        self._shut_down = threading.Event()
+        self._shutting_down_in = 0
         if config.persistence_dir is None:
             # The shared root in the temp dir must be ours too, or another user could swap
             # our app directory out from under us.
@@ -324,6 +328,8 @@ class Analytics(EventMethods):
             yield batch
         finally:
             events, checkpoints = batch.close()
+        if self._closed:
+            raise ClosedError("the batch's block ended after shutdown(): nothing was written")
         self._writer.store(events, checkpoints, loud=True)
 
     def track_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -366,7 +372,8 @@ class Analytics(EventMethods):
         as ``before_send`` and reported, never raised into the caller)."""
         assert self._before_send is not None
         try:
-            result = self._before_send(json.loads(encoded.payload))
+            # parse_float=Decimal: a number keeps its digits through the hook and back.
+            result = self._before_send(json.loads(encoded.payload, parse_float=decimal.Decimal))
             if result is None:
                 self._stats.drop("before_send")
                 logger.debug("durable_analytics: %s dropped by before_send", encoded.event)
@@ -499,11 +506,25 @@ class Analytics(EventMethods):
         Safe in the application's own signal handler, even one that interrupted a `track()`
         (signals.py says how).
         """
-        with self._shutdown_lock:
-            if self._closed:
-                return self._empty()
-            self._closed = self._writer.closed = True
         budget = self.config.shutdown_timeout if timeout is None else timeout
+        with self._shutdown_lock:
+            first = not self._closed
+            self._closed = self._writer.closed = True
+            if first:
+                self._shut_down = threading.Event()
+                self._shutting_down_in = threading.get_ident()
+        if not first:
+            if self._shutting_down_in != threading.get_ident():
+                # Another thread (atexit, a concurrent caller) is still in the final flush:
+                # returning at once would let the interpreter exit mid-request.
+                self._shut_down.wait(budget)
+            return self._empty()
+        try:
+            return self._shutdown(budget)
+        finally:
+            self._shut_down.set()
+
+    def _shutdown(self, budget: float) -> bool:
         if threading.current_thread() is not threading.main_thread():
             delivered = self._final_flush(budget)
             self._queue.close()

@@ -400,7 +400,9 @@ def _with_suggestion(name: str, known: Mapping[str, object]) -> str:
 def _check_url(url: str, allow_insecure_http: bool) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError("base_url", f"{url!r} is not an http(s) URL")
+        # Not quoted whole: a malformed URL may still carry a user:password@ part.
+        shown = f"{parts.scheme}://{parts.hostname or ''}..." if parts.scheme else "it"
+        raise ConfigurationError("base_url", f"{shown} is not an http(s) URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         # A credential in the URL would end up in logs; a query would be dropped silently.
         raise ConfigurationError(

@@ -162,6 +162,9 @@ class QueueCorruptError(StorageError):
         super().__init__(message, path=path)
         #: Where the damaged file was moved, once it was (None: not moved, or not by us).
         self.quarantined_to: str | None = None
+        #: (st_dev, st_ino) of the file the error was raised on, when known: a quarantine
+        #: moves aside only that file, never a fresh one that replaced it meanwhile.
+        self.file_id: tuple[int, int] | None = None
 
 
 class QueueReplacedError(StorageError):

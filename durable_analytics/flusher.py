@@ -548,7 +548,11 @@ class Flusher:
             if refused:
                 raise _PayloadsRefused(refused) from exc
             logger.debug("durable_analytics: the transport raised", exc_info=True)
-            self._last_failure = f"transport error: {type(exc).__name__}: {str(exc)[:300]}"
+            text = str(exc)
+            redact = getattr(self.transport, "redact", None)
+            if callable(redact):  # a custom transport's message may quote what it sent
+                text = str(redact(text))
+            self._last_failure = f"transport error: {type(exc).__name__}: {text[:300]}"
             self._failure_class = TransportError
             return classify(None), None, None
         finally:

@@ -66,28 +66,22 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 @migrations()
 def m002_writer_counts(db: sqlite_utils.Database) -> None:
-    """Who wrote each event, and how many of each writer's events are pending.
+    """Who wrote each event, and how many of each writer's events were removed since.
 
     ``max_queue_size`` counts one process's events (SPEC), so the cap may only ever trim rows
     the capped process wrote itself: never another live process's, never a dead one's backlog.
     ``writer`` is a random token per process and queue (NULL for rows of 0.1 and rows the
-    command line replays); ``writer_counts`` keeps each writer's pending count, O(1) to read.
-    Triggers keep it right whoever inserts or deletes (our flusher, another process's, an
-    operator in the sqlite3 shell). The insert side is an upsert: a writer's row is removed
-    when its count reaches 0 and a live writer simply creates it again.
+    command line replays). A writer knows how many rows it inserted; ``writer_counts`` keeps,
+    by trigger, how many of them were removed since, whoever deleted them (our flusher,
+    another process's, the cap, an operator in the sqlite3 shell). Pending = inserted -
+    removed, O(1), and nothing extra runs on the insert path.
     """
     db.execute("ALTER TABLE events ADD COLUMN writer INTEGER")
-    db.execute("CREATE TABLE writer_counts (writer INTEGER PRIMARY KEY, pending INTEGER NOT NULL)")
-    db.execute(
-        "CREATE TRIGGER events_writer_added AFTER INSERT ON events "
-        "WHEN NEW.writer IS NOT NULL BEGIN "
-        "INSERT INTO writer_counts (writer, pending) VALUES (NEW.writer, 1) "
-        "ON CONFLICT (writer) DO UPDATE SET pending = pending + 1; END"
-    )
+    db.execute("CREATE TABLE writer_counts (writer INTEGER PRIMARY KEY, removed INTEGER NOT NULL)")
     db.execute(
         "CREATE TRIGGER events_writer_removed AFTER DELETE ON events "
         "WHEN OLD.writer IS NOT NULL BEGIN "
-        "UPDATE writer_counts SET pending = pending - 1 WHERE writer = OLD.writer; END"
+        "UPDATE writer_counts SET removed = removed + 1 WHERE writer = OLD.writer; END"
     )
     db.execute("PRAGMA user_version = 2")
 

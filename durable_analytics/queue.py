@@ -33,11 +33,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from .errors import QueueFullError, StorageBusyError, StorageUnavailableError
+from .errors import (
+    QueueCorruptError,
+    QueueFullError,
+    StorageBusyError,
+    StorageUnavailableError,
+)
 from .events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
-from .storage import SELECT_DEPTH, QueueStorage
+from .storage import REGISTER_WRITER, SELECT_DEPTH, QueueStorage
 
 __all__ = ["DeadLetter", "QueuedEvent", "SQLiteQueue"]
 
@@ -50,10 +55,14 @@ INSERT_EVENT: Final = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # The cap (max_size counts this writer's own pending events; migrations.m002 keeps the count).
-SELECT_WRITER_PENDING: Final = "SELECT pending FROM writer_counts WHERE writer = ?"
+SELECT_WRITER_REMOVED: Final = "SELECT removed FROM writer_counts WHERE writer = ?"
+# From the writer's first row in this file (`_floor`) on: a rowid range, so the scan never
+# walks the backlog other (or dead) processes wrote before this one started.
 TRIM_WRITER: Final = (
-    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE writer = ? ORDER BY id LIMIT ?)"
+    "DELETE FROM events WHERE id IN "
+    "(SELECT id FROM events WHERE id >= ? AND writer = ? ORDER BY id LIMIT ?)"
 )
+SELECT_LAST_INSERT: Final = "SELECT last_insert_rowid()"
 UPSERT_CHECKPOINT: Final = (
     "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
@@ -111,6 +120,9 @@ _CHECKPOINT_BUSY_MS: Final = 100
 # later statement in the transaction can fail with SQLITE_BUSY on a read->write upgrade.
 BEGIN: Final = "BEGIN IMMEDIATE"
 
+# How often a caller whose event a leader took checks whether its commit ended (contention
+# only: the usual append never polls).
+_FOLLOWER_POLL: Final = 0.0005
 # Most events one group commit writes; later waiters form the next group.
 _GROUP_COMMIT_MAX: Final = 512
 # How long the flusher's writes wait for the in-process write lock (see _write_locked). A
@@ -181,7 +193,8 @@ def _acquire(lock: threading.Lock, deadline: float | None) -> bool:
     """Take ``lock``, waiting no later than ``deadline`` (forever when None)."""
     if deadline is None:
         return lock.acquire()
-    return lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+    # The uncontended case first: a timed acquire costs a clock read and more.
+    return lock.acquire(False) or lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _ids_json(ids: Sequence[int]) -> str:
@@ -241,10 +254,11 @@ class SQLiteQueue(QueueStorage):
             try:
                 self._pending.remove(mine)
             except ValueError:
-                # A leader already took our event into its transaction (bounded by our
-                # deadline, see _commit_pending): its outcome is ours.
-                with self._lock:
-                    pass
+                # A leader already took our event into its transaction, which our deadline
+                # bounds (it is the earliest of its batch's): its outcome is ours. Polled, not
+                # taken: newer callers keep winning the lock and would make us wait for them.
+                while mine.state is _WAITING:
+                    time.sleep(_FOLLOWER_POLL)
             else:
                 raise self._busy("waiting for this process's other writers")
         else:
@@ -275,16 +289,22 @@ class SQLiteQueue(QueueStorage):
             (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
             for e in (p.event for p in batch)
         ]
-        deadlines = [p.deadline for p in batch if p.deadline is not None]
-        deadline = min(deadlines) if deadlines else None
+        if len(batch) == 1:
+            deadline = leader.deadline
+        else:
+            deadlines = [p.deadline for p in batch if p.deadline is not None]
+            deadline = min(deadlines) if deadlines else None
         error: BaseException | None = None
         try:
             conn = self._writer_connection()
             if not _acquire(self._write_lock, deadline):
                 raise self._busy("waiting for this process's flusher")
             try:
-                with self._busy_timeout_until(conn, deadline):
-                    leader.trimmed = self._insert(conn, rows)
+                if deadline is not None and deadline - time.monotonic() < self.busy_timeout:
+                    with self._busy_timeout_until(conn, deadline):
+                        leader.trimmed += self._insert(conn, rows)
+                else:  # the usual case, without a context manager's cost on every track()
+                    leader.trimmed += self._insert(conn, rows)
             finally:
                 self._write_lock.release()
         except StorageBusyError as exc:
@@ -292,6 +312,8 @@ class SQLiteQueue(QueueStorage):
         except sqlite3.DatabaseError as exc:
             error = translate(exc, self.path)
             error.__cause__ = exc
+            if isinstance(error, QueueCorruptError):
+                error.file_id = self._writer_id
         except BaseException as exc:  # noqa: BLE001 - re-raised by the leader below
             # Interrupted (KeyboardInterrupt, ...): the leader re-raises that; the other
             # callers learn their events may not be stored.
@@ -321,19 +343,11 @@ class SQLiteQueue(QueueStorage):
             else:
                 with _transaction(conn):
                     conn.executemany(INSERT_EVENT, rows)
+            self._inserted += len(rows)
             if room is not None:
                 self._cap_room = room - len(rows)
             return 0
-        assert self.max_size is not None
-        self._cap_room = None  # unknown until this transaction commits
-        with _transaction(conn):
-            conn.executemany(INSERT_EVENT, rows)
-            (pending,) = conn.execute(SELECT_WRITER_PENDING, (writer,)).fetchone()
-            trimmed = 0
-            if pending > self.max_size:
-                trimmed = conn.execute(TRIM_WRITER, (writer, pending - self.max_size)).rowcount
-        self._cap_room = self.max_size - (pending - trimmed)
-        return int(trimmed)
+        return self._insert_many(conn, rows, {}, require_room=False)
 
     def append_many(
         self,
@@ -372,7 +386,10 @@ class SQLiteQueue(QueueStorage):
             finally:
                 self._write_lock.release()
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            error = translate(exc, self.path)
+            if isinstance(error, QueueCorruptError):
+                error.file_id = self._writer_id
+            raise error from exc
         finally:
             self._lock.release()
 
@@ -383,35 +400,43 @@ class SQLiteQueue(QueueStorage):
         checkpoints: Mapping[str, str],
         require_room: bool,
     ) -> int:
+        """Insert, count and trim in one transaction (the caller holds the writer's locks)."""
         writer, cap = self.writer_token, self.max_size
         self._cap_room = None  # unknown until this transaction commits
+        trimmed = pending = 0
         with _transaction(conn):
-            if require_room and writer is not None and cap is not None:
-                pending = self._pending_of(conn, writer)
-                if pending + len(rows) > cap:
+            if writer is not None and cap is not None:
+                conn.execute(REGISTER_WRITER, (writer,))
+                pending = self._pending_of(conn, writer) + len(rows)
+                if require_room and pending > cap:
                     raise QueueFullError(
-                        f"{len(rows)} event(s) don't fit: this process has {pending} pending of "
-                        f"max_queue_size={cap}; nothing was stored"
+                        f"{len(rows)} event(s) don't fit: this process has "
+                        f"{pending - len(rows)} pending of max_queue_size={cap}; "
+                        "nothing was stored"
                     )
             conn.executemany(INSERT_EVENT, rows)
+            if self._floor is None and writer is not None:
+                # AUTOINCREMENT under our write lock: this transaction's ids are consecutive.
+                (last,) = conn.execute(SELECT_LAST_INSERT).fetchone()
+                self._floor = int(last) - len(rows) + 1
             if checkpoints:
                 now = format_timestamp()
                 conn.executemany(
                     UPSERT_CHECKPOINT, [(name, value, now) for name, value in checkpoints.items()]
                 )
-            trimmed = 0
-            if writer is not None and cap is not None:
-                pending = self._pending_of(conn, writer)
-                if pending > cap:
-                    trimmed = conn.execute(TRIM_WRITER, (writer, pending - cap)).rowcount
+            if writer is not None and cap is not None and pending > cap:
+                trimmed = conn.execute(
+                    TRIM_WRITER, (self._floor or 0, writer, pending - cap)
+                ).rowcount
+        self._inserted += len(rows)
         if writer is not None and cap is not None:
             self._cap_room = cap - (pending - trimmed)
         return int(trimmed)
 
-    @staticmethod
-    def _pending_of(conn: sqlite3.Connection, writer: int) -> int:
-        row = conn.execute(SELECT_WRITER_PENDING, (writer,)).fetchone()
-        return 0 if row is None else int(row[0])
+    def _pending_of(self, conn: sqlite3.Connection, writer: int) -> int:
+        """This writer's events still in the file: inserted here minus removed by anyone."""
+        row = conn.execute(SELECT_WRITER_REMOVED, (writer,)).fetchone()
+        return self._inserted - (0 if row is None else int(row[0]))
 
     def room(self) -> int | None:
         """How many more events this writer may queue before the cap (None: no cap)."""

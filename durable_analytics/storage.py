@@ -101,7 +101,9 @@ INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?
 PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
 PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
 # Writers that have nothing pending any more (dead processes, closed clients): at open.
-FORGET_IDLE_WRITERS: Final = "DELETE FROM writer_counts WHERE pending <= 0"
+# A capped writer's row, so the removal trigger has something to count into (migrations.m002);
+# written in the transaction of the writer's first insert into a file, before any row of it.
+REGISTER_WRITER: Final = "INSERT OR IGNORE INTO writer_counts (writer, removed) VALUES (?, 0)"
 # Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
 # milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
 # writers at full speed would grow the WAL by tens of MB a second. So writers still
@@ -277,6 +279,12 @@ class QueueStorage:
         self.writer_token: int | None = None if self.max_size is None else secrets.randbits(62) + 1
         # Appends that surely fit under the cap before the count must be read again.
         self._cap_room: int | None = None
+        # Rows this writer inserted into the file `_inserted_in` (its pending count is this
+        # minus writer_counts.removed). Reset when the writer lands in another file.
+        self._inserted = 0
+        self._inserted_in: FileId | None = None
+        # The id of this writer's first row in that file: none of its rows is older.
+        self._floor: int | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -379,7 +387,6 @@ class QueueStorage:
                 (owner,) = conn.execute(SELECT_META, ("app_id",)).fetchone()
                 conn.execute(PROBE_FIRST).fetchone()
                 conn.execute(PROBE_LAST).fetchone()
-                conn.execute(FORGET_IDLE_WRITERS)
             finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
@@ -415,11 +422,17 @@ class QueueStorage:
         """
         self._check_fork()
         with self._lock, self._flush_lock:
+            if error.quarantined_to is not None:
+                # This very error was handled already: the callers of one group commit all
+                # get it, and only the first may move a file (the next one would be fresh).
+                return
             connections = [(self._writer, self._writer_id), (self._reader, self._reader_id)]
             self._writer = self._reader = None
             self._writer_id = self._reader_id = None
             with self._init_locked():
                 ours = {file_id for conn, file_id in connections if conn is not None}
+                if error.file_id is not None:
+                    ours = {error.file_id}  # the file it was raised on, not what we hold now
                 current = file_identity(self._path_str)
                 if current is not None and current in ours:
                     # Still the file our connections found damaged. Otherwise someone (another
@@ -477,7 +490,9 @@ class QueueStorage:
         """The callers' connection, under its lock, opened lazily."""
         self._check_fork()
         with self._lock:
-            yield self._writer_connection()
+            conn = self._writer_connection()
+            with _stamped(self._writer_id):
+                yield conn
 
     def _writer_connection(self) -> sqlite3.Connection:
         """The writers' connection (the caller holds ``self._lock``).
@@ -495,7 +510,10 @@ class QueueStorage:
             self._recover_replaced(conn, self._writer_id)
         conn = self._open_writer()
         self._writer_id = file_identity(self._path_str)
-        self._cap_room = None  # another file: our count there is unknown
+        if self._writer_id != self._inserted_in:
+            # Another file (new, replaced, quarantined): nothing of ours is in it yet.
+            self._inserted, self._inserted_in, self._floor = 0, self._writer_id, None
+        self._cap_room = None
         return conn
 
     def _recover_replaced(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
@@ -565,7 +583,8 @@ class QueueStorage:
             if conn is None:
                 conn = self._reader = self._open_connection()
                 self._reader_id = file_identity(self._path_str)
-            yield conn
+            with _stamped(self._reader_id):
+                yield conn
 
     def _peek(self, sql: str) -> Any:
         """The first row of a read-only query (None if none), on a reading connection.
@@ -663,3 +682,14 @@ class QueueStorage:
         finally:
             for lock in reversed(taken):
                 lock.release()
+
+
+@contextlib.contextmanager
+def _stamped(file_id: FileId | None) -> Iterator[None]:
+    """Name the file a `QueueCorruptError` raised inside was about (see `quarantine`)."""
+    try:
+        yield
+    except QueueCorruptError as exc:
+        if exc.file_id is None:
+            exc.file_id = file_id
+        raise

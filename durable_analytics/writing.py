@@ -201,7 +201,9 @@ class Writer:
                     if remaining <= 0 or not self.config.send or self.closed:
                         break  # no room came (or nothing here will make any): drop oldest
                     self._flusher.ensure_started()
-                    self._flusher.wake(urgent=True)
+                    # Not urgent: during an outage the flusher's backoff must hold, or every
+                    # blocked call would turn into a request every _BLOCK_POLL.
+                    self._flusher.wake()
                     self._flusher.wait_progress(min(_BLOCK_POLL, remaining))
         return self._append_once(events, checkpoints, require_room=policy == "raise")
 

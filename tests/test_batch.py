@@ -252,3 +252,37 @@ def test_status_shows_each_checkpoint(make_client: Any, queue_dir: Path) -> None
     assert info["checkpoints"]["orders-import"]["value"] == "1000"
     table = runner.invoke(cli, ["status", "--dir", str(queue_dir)])
     assert "orders-import 1000" in table.stdout
+
+
+def test_a_batch_that_ends_after_shutdown_writes_nothing(make_client: Any, queue_dir: Path) -> None:
+    """Review finding: a batch() block that exits after shutdown() still wrote; now it raises
+    ClosedError and nothing (events or checkpoint) is stored, as SPEC says of a closed client."""
+    client = make_client(send=False)
+    with pytest.raises(ClosedError), client.batch() as batch:
+        batch.track("u1", "e")
+        batch.checkpoint("job", "1")
+        client.shutdown()
+    assert rows(queue_dir) == []
+    assert make_client(send=False).checkpoint("job") is None
+
+
+def test_blocked_tracks_do_not_bypass_the_retry_backoff(
+    make_client: Any, collector: Collector
+) -> None:
+    """Review finding: each blocked track() woke the flusher as urgent every 50 ms, skipping
+    its backoff, so an outage turned into a request storm (about 24 requests here). With a
+    backoff of up to 1 s (full jitter) and a server answering 503, four blocked calls of
+    0.3 s each leave room for a few retries only."""
+    collector.respond_with(503, times=None)
+    client = make_client(
+        base_url=collector.url,
+        max_queue_size=2,
+        on_queue_full="block",
+        block_timeout=0.3,
+        retry_base_delay=1.0,
+        retry_max_delay=1.0,
+    )
+    for n in range(6):
+        client.track("u1", "e", {"n": n})
+    assert len(collector.requests) <= 8
+    assert client.stats()["dropped"]["queue_full"] == 4

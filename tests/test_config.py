@@ -428,3 +428,11 @@ def test_unknown_option_suggests_the_closest() -> None:
     """A misspelt keyword is a TypeError that names it and the option it probably meant."""
     with pytest.raises(TypeError, match=r"max_retry \(did you mean max_retries\?\)"):
         Config.resolve({"app_id": "a", "max_retry": 1}, environ={})
+
+
+def test_a_malformed_base_url_is_refused_without_quoting_its_password() -> None:
+    """Review finding: a base_url with a wrong scheme was quoted whole in the error, password
+    included, while a well-formed one with credentials was refused without quoting them."""
+    with pytest.raises(ConfigurationError, match="base_url") as caught:
+        Config.resolve({"app_id": "a", "base_url": "htps://user:hunter22@in.example.com"}, {})
+    assert "hunter22" not in str(caught.value)

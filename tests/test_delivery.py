@@ -632,3 +632,22 @@ def test_a_queue_from_before_the_response_column_is_upgraded(
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         rows = conn.execute("SELECT message_id, status_code, response FROM dead_letter").fetchall()
     assert rows == [(refused, 404, "no such ingest")]
+
+
+def test_a_second_shutdown_waits_for_the_first_to_finish(
+    make_client: Any, collector: Collector
+) -> None:
+    """Review finding: a concurrent second shutdown() (atexit, another thread) returned
+    False at once while the first was still delivering, so the interpreter could exit
+    mid-request. It now waits for the first and reports the same outcome."""
+    collector.respond_with(202, delay=0.3, times=None)
+    client = make_client(base_url=collector.url, shutdown_timeout=10.0)
+    for n in range(5):
+        client.track("u", "e", {"n": n})
+    results: dict[str, bool] = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", client.shutdown()))
+    first.start()
+    assert wait_for(lambda: len(collector.requests) >= 1 or client._closed, timeout=10)
+    results["second"] = client.shutdown()
+    first.join(timeout=15)
+    assert results == {"first": True, "second": True}

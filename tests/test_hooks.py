@@ -217,3 +217,15 @@ def test_hooks_must_be_callables(tmp_path: Path) -> None:
             handle_signals=False,
             before_send="nope",  # type: ignore[arg-type]
         )
+
+
+def test_before_send_keeps_decimal_digits(make_client: Any, queue_dir: Path) -> None:
+    """Review finding: the event handed to before_send was parsed with floats, so even a hook
+    returning it unchanged rounded a Decimal; numbers keep their digits through the hook."""
+    from decimal import Decimal
+
+    client = make_client(send=False, before_send=lambda e: e)
+    client.track("u1", "Paid", {"amount": Decimal("12345678901234567890.10")})
+    with sqlite3.connect(queue_dir / "queue.db") as conn:
+        (payload,) = conn.execute("SELECT payload FROM events").fetchone()
+    assert '"amount":12345678901234567890.10' in payload
