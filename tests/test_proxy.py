@@ -337,17 +337,23 @@ def dripper() -> Iterator[DripServer]:
     server.close()
 
 
+def _assert_cut_at_the_deadline(transport: HTTPTransport) -> None:
+    try:
+        with pytest.raises(SendFailed) as caught:
+            transport.send(PAYLOAD)
+        assert caught.value.timed_out
+        assert "deadline" in str(caught.value)
+    finally:
+        transport.close()
+
+
 def test_the_total_deadline_cuts_a_dripping_answer_through_the_proxy(
     proxy: ProxyServer, dripper: DripServer
 ) -> None:
     """The proxy relays a status line dripped a byte every 0.2 s: no per-read timeout (1 s)
     ever trips, the watchdog's total deadline cuts it."""
     transport = HTTPTransport(base_url=dripper.url, app_id="test-app", proxy=proxy.url, timeout=1.0)
-    with pytest.raises(SendFailed) as caught:
-        transport.send(PAYLOAD)
-    assert caught.value.timed_out
-    assert "deadline" in str(caught.value)
-    transport.close()
+    _assert_cut_at_the_deadline(transport)
 
 
 def test_the_total_deadline_cuts_a_proxy_that_drips_its_connect_answer(
@@ -358,11 +364,7 @@ def test_the_total_deadline_cuts_a_proxy_that_drips_its_connect_answer(
     transport = HTTPTransport(
         base_url="https://127.0.0.1:9", app_id="test-app", proxy=dripper.url, timeout=1.0
     )
-    with pytest.raises(SendFailed) as caught:
-        transport.send(PAYLOAD)
-    assert caught.value.timed_out
-    assert "deadline" in str(caught.value)
-    transport.close()
+    _assert_cut_at_the_deadline(transport)
 
 
 def test_analytics_options_reach_the_transport(
