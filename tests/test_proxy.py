@@ -113,19 +113,6 @@ def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer
     server.close()
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sets exactly the proxy variables it is about."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
     path = tmp_path / "ca.pem"

@@ -27,18 +27,11 @@ PAYLOAD = ['{"event":"e","event_id":"00000000-0000-4000-8000-000000000001"}']
 
 
 @pytest.fixture(autouse=True)
-def _no_ca_or_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machine's CA and proxy settings don't decide what these tests see."""
+def _no_ca_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's CA settings don't decide what these tests see (conftest clears its
+    proxy settings)."""
     for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 @pytest.fixture
