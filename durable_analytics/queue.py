@@ -284,11 +284,7 @@ class SQLiteQueue(QueueStorage):
         pending = self._pending
         while pending and len(batch) < _GROUP_COMMIT_MAX:
             batch.append(pending.popleft())
-        writer = self.writer_token
-        rows = [
-            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
-            for e in (p.event for p in batch)
-        ]
+        rows = self._rows([p.event for p in batch])
         if len(batch) == 1:
             deadline = leader.deadline
         else:
@@ -296,6 +292,8 @@ class SQLiteQueue(QueueStorage):
             deadline = min(deadlines) if deadlines else None
         error: BaseException | None = None
         try:
+            # `_appending` inlined: this is every track(), and a generator-based context
+            # manager costs more than the INSERT's own Python overhead.
             conn = self._writer_connection()
             if not _acquire(self._write_lock, deadline):
                 raise self._busy("waiting for this process's flusher")
@@ -327,6 +325,30 @@ class SQLiteQueue(QueueStorage):
         if leader.state is _WAITING:
             # Our event was beyond this batch (a very long queue of waiters): go again.
             self._commit_pending(leader)
+
+    def _rows(self, events: Sequence[EncodedEvent]) -> list[tuple[Any, ...]]:
+        """``events`` as INSERT_EVENT rows, stamped with this writer's token."""
+        writer = self.writer_token
+        return [
+            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
+            for e in events
+        ]
+
+    @contextlib.contextmanager
+    def _appending(self, deadline: float | None) -> Iterator[sqlite3.Connection]:
+        """The writer connection under the in-process write lock, both waited for no later
+        than ``deadline`` (the caller holds ``self._lock``).
+
+        :raises StorageBusyError: the write lock stayed taken, or the deadline has passed.
+        """
+        conn = self._writer_connection()
+        if not _acquire(self._write_lock, deadline):
+            raise self._busy("waiting for this process's flusher")
+        try:
+            with self._busy_timeout_until(conn, deadline):
+                yield conn
+        finally:
+            self._write_lock.release()
 
     def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
         """Insert ``rows``, then trim this writer beyond the cap; returns how many it trimmed.
@@ -369,22 +391,12 @@ class SQLiteQueue(QueueStorage):
         :raises QueueCorruptError: the file is damaged.
         """
         self._check_fork()
-        writer = self.writer_token
-        rows = [
-            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
-            for e in events
-        ]
+        rows = self._rows(events)
         if not _acquire(self._lock, deadline):
             raise self._busy("waiting for this process's other writers")
         try:
-            conn = self._writer_connection()
-            if not _acquire(self._write_lock, deadline):
-                raise self._busy("waiting for this process's flusher")
-            try:
-                with self._busy_timeout_until(conn, deadline):
-                    return self._insert_many(conn, rows, checkpoints or {}, require_room)
-            finally:
-                self._write_lock.release()
+            with self._appending(deadline) as conn:
+                return self._insert_many(conn, rows, checkpoints or {}, require_room)
         except sqlite3.DatabaseError as exc:
             error = translate(exc, self.path)
             if isinstance(error, QueueCorruptError):

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypedDict
+from typing import Protocol, TypedDict, cast
 
 __all__ = [
     "DROP_REASONS",
@@ -328,27 +328,17 @@ class Stats:
         """A consistent copy of every counter, with the shared ``queue_depth`` (read by the
         caller: it is the queue's figure, not a counter)."""
         with self._lock:
-            c, d = dict(self._counts), dict(self._dropped)
+            counts, dropped = dict(self._counts), dict(self._dropped)
             last_error, last_error_at = self._last_error, self._last_error_at
-        return StatsSnapshot(
-            enqueued=c["enqueued"],
-            delivered=c["delivered"],
-            retried=c["retried"],
-            dead_lettered=c["dead_lettered"],
-            batches=c["batches"],
-            failed_requests=c["failed_requests"],
-            splits=c["splits"],
-            quarantined=c["quarantined"],
-            dropped=DroppedCounts(
-                queue_full=d["queue_full"],
-                consent=d["consent"],
-                invalid=d["invalid"],
-                too_large=d["too_large"],
-                before_send=d["before_send"],
-                storage_error=d["storage_error"],
-                file_lost=d["file_lost"],
-            ),
-            last_error=last_error,
-            last_error_at=last_error_at,
-            queue_depth=queue_depth,
+        # The counters' keys are _COUNTERS and DROP_REASONS, in the TypedDicts' order
+        # (tests/test_public_api.py checks they are exactly the declared fields).
+        return cast(
+            StatsSnapshot,
+            {
+                **counts,
+                "dropped": cast(DroppedCounts, dropped),
+                "last_error": last_error,
+                "last_error_at": last_error_at,
+                "queue_depth": queue_depth,
+            },
         )

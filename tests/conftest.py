@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
@@ -36,6 +37,12 @@ def collector() -> Iterator[Collector]:
     """The project's own ingest server on 127.0.0.1, recording what it accepts."""
     with Collector() as server:
         yield server
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    """A throwaway certificate authority, for TLS servers on 127.0.0.1 (tests/servers.py)."""
+    return trustme.CA()
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import DripServer
 
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DurableAnalyticsError, TransportError
@@ -35,43 +34,6 @@ def second_collector() -> Iterator[Collector]:
     """Another host the first one redirects to."""
     with Collector() as server:
         yield server
-
-
-class DripServer:
-    """Accepts connections, reads the request, then drips ``answer`` one byte per ``every`` s."""
-
-    def __init__(self, answer: bytes, every: float) -> None:
-        self.answer = answer
-        self.every = every
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stopping = threading.Event()
-        self.cut = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.recv(65536)
-                for i in range(len(self.answer)):
-                    if self.stopping.wait(self.every):
-                        return
-                    try:
-                        conn.sendall(self.answer[i : i + 1])
-                    except OSError:
-                        self.cut.set()  # the client hung up on us
-                        break
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ environment says so (as requests does), and never leaks the proxy's password.
 The proxy is proxy.py (the ``proxy.py`` package), run as a subprocess on 127.0.0.1: it forwards
 absolute-URI requests for ``http://`` and opens ``CONNECT`` tunnels for ``https://``, and writes
 one access-log line per request, which is how a test knows the proxy carried it. The
-HTTPS target is a TLS server with a throwaway CA (test_tls.py's pattern).
+HTTPS target is a TLS server with a throwaway CA (tests/servers.py, shared with test_tls.py).
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ import json
 import logging
 import os
 import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
+from servers import DripServer, TLSServer, serve_tls
 
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
@@ -116,62 +113,6 @@ def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer
     server.close()
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sets exactly the proxy variables it is about."""
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
-# --- the TLS target ---------------------------------------------------------------------------
-
-
-class TLSServer:
-    """HTTPS on 127.0.0.1 answering every POST with 202; counts the POSTs it read."""
-
-    def __init__(self, ca: trustme.CA) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        self.posts = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                server.posts += 1
-                self.send_response(202)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.url = f"https://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
     path = tmp_path / "ca.pem"
@@ -181,7 +122,7 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
 
 @pytest.fixture
 def tls_server(ca: trustme.CA) -> Iterator[TLSServer]:
-    server = TLSServer(ca)
+    server = serve_tls(ca, "127.0.0.1")
     yield server
     server.close()
 
@@ -375,74 +316,42 @@ def test_a_bad_proxy_url_in_the_error_has_its_password_hidden(bad: str) -> None:
 # --- the total deadline -------------------------------------------------------------------------
 
 
-class Dripper:
-    """A raw socket server that reads a request, then drips ``answer`` a byte every 0.2 s."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.recv(65536)
-                for i in range(len(self.answer)):
-                    if self.stopping.wait(0.2):
-                        return
-                    try:
-                        conn.sendall(self.answer[i : i + 1])
-                    except OSError:
-                        break
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
-
-
 @pytest.fixture
-def dripper() -> Iterator[Dripper]:
-    server = Dripper(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+def dripper() -> Iterator[DripServer]:
+    """Drips its answer a byte every 0.2 s."""
+    server = DripServer(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", 0.2)
     yield server
     server.close()
 
 
+def _assert_cut_at_the_deadline(transport: HTTPTransport) -> None:
+    try:
+        with pytest.raises(SendFailed) as caught:
+            transport.send(PAYLOAD)
+        assert caught.value.timed_out
+        assert "deadline" in str(caught.value)
+    finally:
+        transport.close()
+
+
 def test_the_total_deadline_cuts_a_dripping_answer_through_the_proxy(
-    proxy: ProxyServer, dripper: Dripper
+    proxy: ProxyServer, dripper: DripServer
 ) -> None:
     """The proxy relays a status line dripped a byte every 0.2 s: no per-read timeout (1 s)
     ever trips, the watchdog's total deadline cuts it."""
     transport = HTTPTransport(base_url=dripper.url, app_id="test-app", proxy=proxy.url, timeout=1.0)
-    with pytest.raises(SendFailed) as caught:
-        transport.send(PAYLOAD)
-    assert caught.value.timed_out
-    assert "deadline" in str(caught.value)
-    transport.close()
+    _assert_cut_at_the_deadline(transport)
 
 
 def test_the_total_deadline_cuts_a_proxy_that_drips_its_connect_answer(
-    dripper: Dripper,
+    dripper: DripServer,
 ) -> None:
     """A proxy that answers CONNECT a byte every 0.2 s is cut at the deadline, too."""
     dripper.answer = b"HTTP/1.1 200 Connection established\r\n\r\n"
     transport = HTTPTransport(
         base_url="https://127.0.0.1:9", app_id="test-app", proxy=dripper.url, timeout=1.0
     )
-    with pytest.raises(SendFailed) as caught:
-        transport.send(PAYLOAD)
-    assert caught.value.timed_out
-    assert "deadline" in str(caught.value)
-    transport.close()
+    _assert_cut_at_the_deadline(transport)
 
 
 def test_analytics_options_reach_the_transport(

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from servers import TLSServer, serve_tls
 
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.transport import HTTPTransport, SendFailed
@@ -28,68 +26,17 @@ from durable_analytics.transport import HTTPTransport, SendFailed
 PAYLOAD = ['{"event":"e","event_id":"00000000-0000-4000-8000-000000000001"}']
 
 
-class _TLSServer:
-    """HTTPS on 127.0.0.1 answering every POST with 202; counts the POSTs it read."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.posts = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                server.posts += 1
-                self.send_response(202)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # failed handshakes are what some tests are about
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(autouse=True)
-def _no_ca_or_proxy_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machine's CA and proxy settings don't decide what these tests see."""
+def _no_ca_from_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's CA settings don't decide what these tests see (conftest clears its
+    proxy settings)."""
     for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    for name in ("https_proxy", "http_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def _serve(ca: trustme.CA, *hostnames: str) -> _TLSServer:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*hostnames).configure_cert(context)
-    return _TLSServer(context)
-
-
-@pytest.fixture
-def server_for_loopback(ca: trustme.CA) -> Iterator[_TLSServer]:
-    server = _serve(ca, "127.0.0.1")
+def server_for_loopback(ca: trustme.CA) -> Iterator[TLSServer]:
+    server = serve_tls(ca, "127.0.0.1")
     yield server
     server.close()
 
@@ -102,7 +49,7 @@ def trusting_ca(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_certificate_from_an_unknown_authority_is_refused_before_anything_is_sent(
-    server_for_loopback: _TLSServer, make_client: Any, caplog: pytest.LogCaptureFixture
+    server_for_loopback: TLSServer, make_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     transport = HTTPTransport(base_url=server_for_loopback.url, app_id="test-app", timeout=5.0)
     with pytest.raises(SendFailed) as caught:
@@ -123,7 +70,7 @@ def test_a_certificate_from_an_unknown_authority_is_refused_before_anything_is_s
 
 @pytest.mark.usefixtures("trusting_ca")
 def test_a_trusted_certificate_delivers_over_one_kept_alive_connection(
-    server_for_loopback: _TLSServer, make_client: Any
+    server_for_loopback: TLSServer, make_client: Any
 ) -> None:
     transport = HTTPTransport(base_url=server_for_loopback.url, app_id="test-app")
     for _ in range(3):
@@ -139,7 +86,7 @@ def test_a_trusted_certificate_delivers_over_one_kept_alive_connection(
 
 @pytest.mark.usefixtures("trusting_ca")
 def test_a_trusted_certificate_for_another_host_name_is_refused(ca: trustme.CA) -> None:
-    server = _serve(ca, "ingest.example.org")
+    server = serve_tls(ca, "ingest.example.org")
     try:
         transport = HTTPTransport(base_url=server.url, app_id="test-app", timeout=5.0)
         with pytest.raises(SendFailed) as caught:
@@ -155,7 +102,7 @@ def test_a_trusted_certificate_for_another_host_name_is_refused(ca: trustme.CA) 
 
 
 def test_ca_bundle_as_a_file_is_trusted(
-    server_for_loopback: _TLSServer, ca: trustme.CA, tmp_path: Path
+    server_for_loopback: TLSServer, ca: trustme.CA, tmp_path: Path
 ) -> None:
     """ca_bundle=<a PEM file> (str or Path) holding the CA: delivered."""
     bundle = tmp_path / "corporate-ca.pem"
@@ -168,7 +115,7 @@ def test_ca_bundle_as_a_file_is_trusted(
 
 
 def test_ca_bundle_as_a_hashed_directory_is_trusted(
-    server_for_loopback: _TLSServer, ca: trustme.CA, tmp_path: Path
+    server_for_loopback: TLSServer, ca: trustme.CA, tmp_path: Path
 ) -> None:
     """ca_bundle=<a directory made by `openssl rehash`>: delivered; the same directory
     without the CA in it: refused."""
@@ -195,7 +142,7 @@ def test_ca_bundle_as_a_hashed_directory_is_trusted(
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"])
 def test_the_ca_bundle_variables_are_honoured(
     variable: str,
-    server_for_loopback: _TLSServer,
+    server_for_loopback: TLSServer,
     ca: trustme.CA,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -210,7 +157,7 @@ def test_the_ca_bundle_variables_are_honoured(
 
 
 def test_requests_ca_bundle_wins_over_ssl_cert_file_and_ca_bundle_over_both(
-    server_for_loopback: _TLSServer, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server_for_loopback: TLSServer, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The order: the ca_bundle argument, then REQUESTS_CA_BUNDLE, then SSL_CERT_FILE."""
     good = tmp_path / "good.pem"

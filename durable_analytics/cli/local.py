@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from ..reader import EventFilter
 from ._common import (
     EXIT_FAILURE,
     CLIError,
+    F,
     QueueTarget,
     _echo_json,
     _interactive,
@@ -53,18 +54,24 @@ _host_option = click.option(
     help="Interface to listen on (anything but 127.0.0.1 exposes the page and its events).",
 )
 
+
+def _port_option(default: int) -> Callable[[F], F]:
+    """``--port``, for a command that serves on 127.0.0.1 (or ``--host``)."""
+    return click.option(
+        "--port",
+        type=click.IntRange(0, 65535),
+        default=default,
+        show_default=True,
+        help="0: any free port (the URL is printed).",
+    )
+
+
 # --- collect ---------------------------------------------------------------------------------
 
 
 @click.command()
 @_host_option
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_COLLECT_PORT,
-    show_default=True,
-    help="0: any free port (the URL is printed).",
-)
+@_port_option(DEFAULT_COLLECT_PORT)
 @click.option(
     "--out",
     "-o",
@@ -287,13 +294,7 @@ def _age(created_at: str) -> float | None:
 @click.command()
 @_queue_options
 @_host_option
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_UI_PORT,
-    show_default=True,
-    help="0: any free port (the URL is printed).",
-)
+@_port_option(DEFAULT_UI_PORT)
 @click.option("--duration", type=click.FloatRange(min=0), default=0.0, help="Stop after N s.")
 @_json_flag
 @click.pass_obj

@@ -187,6 +187,26 @@ class _Worker:
                 return
             yield line
 
+    def follow(
+        self,
+        deadline: float,
+        tracked: list[str],
+        bar: _Bar,
+        each: Callable[[], None] | None = None,
+    ) -> bool:
+        """Read the worker's lines until it exits: each ``tracked ID`` goes on ``tracked``,
+        advances ``bar``, then calls ``each``. Whether it said ``done``."""
+        finished = False
+        for line in self.lines(deadline):
+            if line.startswith("tracked "):
+                tracked.append(line.split(" ", 1)[1])
+                bar.update(1)
+                if each is not None:
+                    each()
+            elif line.startswith("done "):
+                finished = True
+        return finished
+
     def log_tail(self) -> str:
         """The last lines the worker wrote to stderr."""
         self._log.flush()
@@ -243,16 +263,16 @@ def run(
         say(f"worker 1 tracks {events} events at {rate:g}/s and ships them as it goes ...")
         first = _Worker(queue_dir, collector.url, events, 0, rate, root / "worker1.log")
         pids = [first.pid]
+
+        def kill_at_kill_after() -> None:
+            if len(tracked) == kill_after:
+                first.process.kill()  # SIGKILL: nothing runs in the worker after this
+                first.process.wait(timeout=_DEADLINE)
+                delivered_ids_at_kill.update(collector.message_ids())
+
         try:
             with make_bar(events, "worker 1") as bar:
-                for line in first.lines(deadline):
-                    if line.startswith("tracked "):
-                        tracked.append(line.split(" ", 1)[1])
-                        bar.update(1)
-                        if len(tracked) == kill_after:
-                            first.process.kill()  # SIGKILL: nothing runs in the worker after this
-                            first.process.wait(timeout=_DEADLINE)
-                            delivered_ids_at_kill = set(collector.message_ids())
+                first.follow(deadline, tracked, bar, kill_at_kill_after)
             first.process.wait(timeout=_DEADLINE)
             if len(tracked) < kill_after:
                 raise DemoError(
@@ -282,15 +302,9 @@ def run(
         say(f"worker 2 opens the same queue, ships what worker 1 left and tracks {rest} more ...")
         second = _Worker(queue_dir, collector.url, rest, len(tracked), rate, root / "worker2.log")
         pids.append(second.pid)
-        finished = False
         try:
             with make_bar(rest, "worker 2") as bar:
-                for line in second.lines(deadline):
-                    if line.startswith("tracked "):
-                        tracked.append(line.split(" ", 1)[1])
-                        bar.update(1)
-                    elif line.startswith("done "):
-                        finished = True
+                finished = second.follow(deadline, tracked, bar)
             second.process.wait(timeout=max(1.0, deadline - time.monotonic()))
         finally:
             second.close()
