@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""How long the library stalls an asyncio event loop under 5,000 track() calls a second.
+
+    python scripts/bench_asyncio.py                 # 10 s per run (about a minute in all)
+    python scripts/bench_asyncio.py --seconds 3     # quicker
+    python scripts/bench_asyncio.py --json out.json # also write the raw figures
+
+A loop-lag probe, a task that sleeps 1 ms and records how late it woke, runs next to producer
+coroutines that call ``track()`` on a fixed schedule (50 producers, one call each per 10 ms:
+5,000 events/s), the way request handlers would. Each run is a fresh process (this script with
+``--worker``), shipping to the project's sink (``scripts/_sink.py``, its own process):
+
+- ``baseline``: the producers and the probe without the library (the producers do nothing):
+  what asyncio's own scheduling costs on this machine;
+- ``AsyncAnalytics`` and ``Analytics`` (the sync client called from the coroutines): the load
+  alone, then the load with a ``flush()`` every second (``await analytics.flush()`` for the
+  async client, ``analytics.flush()`` straight from a coroutine for the sync one), then the
+  final ``shutdown()`` (awaited, or called from a coroutine).
+
+For each run: the probe's worst lateness (the longest stall), its p99 and p99.9, and the
+duration of the ``track()`` calls (mean, p99, max). ``track()`` is the same local commit in
+both clients, so the load-only figures should agree; the flush and shutdown rows show what
+waiting off the loop is worth. Numbers move with what else runs on the machine: compare within
+one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from _sink import SinkProcess  # noqa: E402
+
+RATE = 5000  # events per second, all producers together
+PRODUCERS = 50
+PROBE_INTERVAL = 0.001
+FLUSH_EVERY = 1.0
+RUNS = (
+    ("baseline", "none", False),
+    ("AsyncAnalytics", "async", False),
+    ("Analytics from async code", "sync", False),
+    ("AsyncAnalytics + flush()/s", "async", True),
+    ("Analytics + flush()/s", "sync", True),
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def lag_figures(lateness: list[float]) -> dict[str, float]:
+    """The probe's lateness in milliseconds: max, p99, p99.9, mean."""
+    ms = [x * 1000 for x in lateness]
+    return {
+        "max_ms": max(ms, default=0.0),
+        "p99_ms": percentile(ms, 99),
+        "p999_ms": percentile(ms, 99.9),
+        "mean_ms": statistics.fmean(ms) if ms else 0.0,
+        "samples": len(ms),
+    }
+
+
+# --- the worker: one run in a fresh process ---------------------------------------------------
+
+
+async def probe(lateness: list[float], stop: asyncio.Event) -> None:
+    """Sleep PROBE_INTERVAL again and again, recording how late each wake-up was."""
+    clock = time.perf_counter
+    while not stop.is_set():
+        started = clock()
+        await asyncio.sleep(PROBE_INTERVAL)
+        lateness.append(max(0.0, clock() - started - PROBE_INTERVAL))
+
+
+async def producer(
+    index: int, call: Callable[[int], None], until: float, durations: list[float]
+) -> int:
+    """Call ``call`` every PRODUCERS / RATE seconds on an absolute schedule (catching up if
+    late, so the rate holds); returns how many calls it made."""
+    loop = asyncio.get_running_loop()
+    interval = PRODUCERS / RATE
+    due = loop.time() + interval * index / PRODUCERS
+    clock = time.perf_counter
+    made = 0
+    while due < until:
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        started = clock()
+        call(index)
+        durations.append(clock() - started)
+        made += 1
+        due += interval
+    return made
+
+
+async def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    kind, with_flush, seconds = spec["kind"], spec["flush"], spec["seconds"]
+    logging.getLogger("durable_analytics").setLevel(logging.ERROR)
+    client: Any = None
+    if kind == "async":
+        from durable_analytics.aio import AsyncAnalytics
+
+        client = AsyncAnalytics(**spec["options"])
+    elif kind == "sync":
+        from durable_analytics import Analytics
+
+        client = Analytics(**spec["options"])
+
+    if client is None:
+
+        def call(index: int) -> None:
+            return None
+
+    else:
+        track = client.track
+
+        def call(index: int) -> None:
+            track(f"user_{index}", "page_view", {"path": f"/p/{index}", "plan": "pro"})
+
+    # Warm up (imports, first SQLite page reads, the flusher thread) outside the measurement.
+    for i in range(200):
+        call(i % PRODUCERS)
+    if client is not None:
+        if kind == "async":
+            await client.flush(30.0)
+        else:
+            client.flush(30.0)
+
+    loop = asyncio.get_running_loop()
+    lateness: list[float] = []
+    durations: list[float] = []
+    flush_waits: list[float] = []
+    stop = asyncio.Event()
+    until = loop.time() + seconds
+
+    async def flusher() -> None:
+        while loop.time() + FLUSH_EVERY < until:
+            await asyncio.sleep(FLUSH_EVERY)
+            started = time.perf_counter()
+            if kind == "async":
+                await client.flush(30.0)
+            else:
+                client.flush(30.0)  # what "the sync client from async code" does: blocks
+            flush_waits.append(time.perf_counter() - started)
+
+    probing = asyncio.create_task(probe(lateness, stop))
+    tasks = [producer(i, call, until, durations) for i in range(PRODUCERS)]
+    if with_flush and client is not None:
+        tasks.append(flusher())
+    started = time.perf_counter()
+    made = await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await probing
+    result: dict[str, Any] = {
+        "events": sum(x for x in made if x is not None),
+        "seconds": elapsed,
+        "lag": lag_figures(lateness),
+        "track_us": {
+            "mean": statistics.fmean(durations) * 1e6,
+            "p99": percentile(durations, 99) * 1e6,
+            "max": max(durations) * 1e6,
+        },
+        "flushes": len(flush_waits),
+        "flush_ms_mean": statistics.fmean(flush_waits) * 1000 if flush_waits else None,
+    }
+    if client is not None and not with_flush:
+        # The final shutdown, with the probe running: awaited, or called from a coroutine;
+        # a tenth of a second's events are still to ship (written before the probe starts).
+        for i in range(RATE // 10):
+            call(i % PRODUCERS)
+        lateness = []
+        stop = asyncio.Event()
+        probing = asyncio.create_task(probe(lateness, stop))
+        await asyncio.sleep(0.05)  # let the probe settle into its rhythm
+        started = time.perf_counter()
+        if kind == "async":
+            delivered = await client.shutdown(30.0)
+        else:
+            delivered = client.shutdown(30.0)
+        result["shutdown_ms"] = (time.perf_counter() - started) * 1000
+        await asyncio.sleep(0.05)
+        stop.set()
+        await probing
+        result["shutdown_lag"] = lag_figures(lateness)
+        result["shutdown_delivered"] = delivered
+        stats = client.stats()
+        result["delivered"] = stats["delivered"]
+        result["dropped"] = sum(stats["dropped"].values())
+    elif client is not None:
+        if kind == "async":
+            await client.shutdown(30.0)
+        else:
+            client.shutdown(30.0)
+    return result
+
+
+def worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    print(json.dumps(asyncio.run(run_worker(spec))))
+
+
+# --- the parent: sink, runs, report -----------------------------------------------------------
+
+
+def run_one(sink: str, kind: str, with_flush: bool, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-asyncio-") as directory:
+        spec = {
+            "kind": kind,
+            "flush": with_flush,
+            "seconds": seconds,
+            "options": {
+                "app_id": "bench-asyncio",
+                "base_url": sink,
+                "persistence_dir": str(Path(directory) / "queue"),
+                "handle_signals": False,
+                "max_queue_size": 1_000_000,
+            },
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=seconds * 3 + 120,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"worker {kind} failed:\n{proc.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+
+
+def meta() -> dict[str, Any]:
+    commit = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "durable_analytics"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if dirty:
+            commit += "+uncommitted library changes"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return
+    info = meta()
+    results: dict[str, Any] = {}
+    with SinkProcess() as sink:
+        for label, kind, with_flush in RUNS:
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            results[label] = run_one(sink.url, kind, with_flush, args.seconds)
+    info["loadavg_end"] = os.getloadavg()
+    print(
+        f"{info['date']}, commit {info['commit']}, Python {info['python']}, {info['machine']}, "
+        f"load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}"
+    )
+    print(f"{RATE:,} track() calls/s from {PRODUCERS} coroutines, {args.seconds:g} s per run\n")
+    header = (
+        "| run | events/s | loop lag max | p99 | p99.9 | track() mean | track() p99 | track() max |"
+    )
+    print(header)
+    print("|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        lag, tr = r["lag"], r["track_us"]
+        print(
+            f"| {label} | {r['events'] / r['seconds']:,.0f} | {lag['max_ms']:.2f} ms "
+            f"| {lag['p99_ms']:.2f} ms | {lag['p999_ms']:.2f} ms | {tr['mean']:.1f} µs "
+            f"| {tr['p99']:.1f} µs | {tr['max'] / 1000:.2f} ms |"
+        )
+    print("\n| final shutdown() | took | loop lag max | delivered |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        if "shutdown_lag" in r:
+            print(
+                f"| {label} | {r['shutdown_ms']:.1f} ms | {r['shutdown_lag']['max_ms']:.2f} ms "
+                f"| {r['delivered']:,} ({r['dropped']} dropped) |"
+            )
+    flushing = {k: r for k, r in results.items() if r["flushes"]}
+    if flushing:
+        print("\n| flush() every second | flushes | mean flush() wait |")
+        print("|---|---|---|")
+        for label, r in flushing.items():
+            print(f"| {label} | {r['flushes']} | {r['flush_ms_mean']:.1f} ms |")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": info, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
