@@ -47,6 +47,7 @@ OWN_PAGES = (
     "wire-formats.md",
     "cli.md",
     "network.md",
+    "asyncio.md",
     "changelog.md",
 )
 NORUN = "<!-- norun -->"
