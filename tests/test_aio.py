@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -403,3 +406,26 @@ def test_lifespan_recipe_under_uvicorn(queue_dir: Path, collector: Collector) ->
         if event["event"] == "http_request":
             assert event["properties"]["status_code"] == 201
             assert event["properties"]["path"] == "/signup"
+
+
+@pytest.mark.slow
+def test_loop_lag_benchmark_runs(tmp_path: Path) -> None:
+    """scripts/bench_asyncio.py runs end to end in short runs and reports every figure (it
+    works; how fast is measured by running it, not asserted here)."""
+    out = tmp_path / "lag.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_asyncio.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--seconds", "0.3", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| AsyncAnalytics | " in proc.stdout
+    assert "| Analytics from async code | " in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    for name in ("AsyncAnalytics", "Analytics from async code"):
+        assert results[name]["lag"]["samples"] > 0
+        assert results[name]["shutdown_delivered"] is True
+        assert results[name]["dropped"] == 0

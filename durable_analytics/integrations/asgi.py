@@ -127,7 +127,9 @@ class AnalyticsMiddleware:
                     self.state_key,
                     "the server sent no lifespan state"
                     if state is None
-                    else f"the state holds {type(client).__name__} under that key",
+                    else "the lifespan state has nothing under that key"
+                    if client is None
+                    else f"the lifespan state holds a {type(client).__name__} under that key",
                 )
             return None
         tracker = self._tracker_for(client)
@@ -142,7 +144,7 @@ class AnalyticsMiddleware:
         if path in self.ignore_paths:
             await self.app(scope, receive, send)
             return
-        tracker = self.tracker or self._tracker_from_state(scope)
+        tracker = self.tracker if self.tracker is not None else self._tracker_from_state(scope)
         if tracker is None:
             await self.app(scope, receive, send)
             return
