@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How long the library stalls an asyncio event loop under 5,000 track() calls a second.
 
-    python scripts/bench_asyncio.py                 # 10 s per run (about a minute in all)
-    python scripts/bench_asyncio.py --seconds 3     # quicker
+    python scripts/bench_asyncio.py                 # 3 rounds, 10 s per run (about 3 minutes)
+    python scripts/bench_asyncio.py --seconds 3 --rounds 1   # quicker
     python scripts/bench_asyncio.py --json out.json # also write the raw figures
 
 A loop-lag probe, a task that sleeps 1 ms and records how late it woke, runs next to producer
@@ -17,10 +17,11 @@ coroutines that call ``track()`` on a fixed schedule (50 producers, one call eac
   async client, ``analytics.flush()`` straight from a coroutine for the sync one), then the
   final ``shutdown()`` (awaited, or called from a coroutine).
 
-For each run: the probe's worst lateness (the longest stall), its p99 and p99.9, and the
-duration of the ``track()`` calls (mean, p99, max). ``track()`` is the same local commit in
-both clients, so the load-only figures should agree; the flush and shutdown rows show what
-waiting off the loop is worth. Numbers move with what else runs on the machine: compare within
+For each run: the probe's worst lateness (the longest stall), its p99 and p99.9, the share of
+the loop thread's time spent on the CPU (``time.thread_time``: the work left on the loop, even
+when other processes delay it), and the duration of the ``track()`` calls (mean, p99, max).
+``track()`` is the same local commit in both clients, so the load-only figures should agree;
+the flush and shutdown rows show what waiting off the loop is worth. Numbers move with what else runs on the machine: compare within
 one run.
 """
 
@@ -169,15 +170,19 @@ async def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = [producer(i, call, until, durations) for i in range(PRODUCERS)]
     if with_flush and client is not None:
         tasks.append(flusher())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     made = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - started
+    # CPU the loop's thread used (its busy share): the cost left on the loop, whether or not
+    # other processes on the machine delayed it.
+    loop_cpu = (time.thread_time() - cpu_started) / elapsed
     stop.set()
     await probing
     result: dict[str, Any] = {
         "events": sum(x for x in made if x is not None),
         "seconds": elapsed,
         "lag": lag_figures(lateness),
+        "loop_cpu_percent": loop_cpu * 100,
         "track_us": {
             "mean": statistics.fmean(durations) * 1e6,
             "p99": percentile(durations, 99) * 1e6,
@@ -278,9 +283,69 @@ def meta() -> dict[str, Any]:
     }
 
 
+def median_of(rounds: list[dict[str, Any]], *path: str) -> float:
+    """The median across rounds of the figure at ``path`` (e.g. "lag", "max_ms")."""
+    values = []
+    for result in rounds:
+        value: Any = result
+        for key in path:
+            value = value[key]
+        values.append(float(value))
+    return statistics.median(values)
+
+
+def report(info: dict[str, Any], results: dict[str, list[dict[str, Any]]], seconds: float) -> None:
+    """Print the figures as Markdown tables (the medians across rounds)."""
+    rounds = len(next(iter(results.values())))
+    print(
+        f"{info['date']}, commit {info['commit']}, Python {info['python']}, {info['machine']}, "
+        f"load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}"
+    )
+    print(
+        f"{RATE:,} track() calls/s from {PRODUCERS} coroutines; {rounds} round(s) of "
+        f"{seconds:g} s per run, runs interleaved; each figure is the median across rounds "
+        "(worst: the worst round's)\n"
+    )
+    print(
+        "| run | loop lag max (worst) | p99 | p99.9 | loop thread CPU | track() mean "
+        "| track() p99 | track() max |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, runs in results.items():
+        worst = max(r["lag"]["max_ms"] for r in runs)
+        print(
+            f"| {label} | {median_of(runs, 'lag', 'max_ms'):.1f} ms ({worst:.1f} ms) "
+            f"| {median_of(runs, 'lag', 'p99_ms'):.2f} ms "
+            f"| {median_of(runs, 'lag', 'p999_ms'):.2f} ms "
+            f"| {median_of(runs, 'loop_cpu_percent'):.0f} % "
+            f"| {median_of(runs, 'track_us', 'mean'):.1f} µs "
+            f"| {median_of(runs, 'track_us', 'p99'):.0f} µs "
+            f"| {median_of(runs, 'track_us', 'max') / 1000:.1f} ms |"
+        )
+    print("\n| final shutdown() | took | loop lag max (worst) | delivered, dropped (all rounds) |")
+    print("|---|---|---|---|")
+    for label, runs in results.items():
+        if "shutdown_lag" in runs[0]:
+            worst = max(r["shutdown_lag"]["max_ms"] for r in runs)
+            delivered = sum(r["delivered"] for r in runs)
+            dropped = sum(r["dropped"] for r in runs)
+            print(
+                f"| {label} | {median_of(runs, 'shutdown_ms'):.1f} ms "
+                f"| {median_of(runs, 'shutdown_lag', 'max_ms'):.1f} ms ({worst:.1f} ms) "
+                f"| {delivered:,}, {dropped} |"
+            )
+    flushing = {k: runs for k, runs in results.items() if runs[0]["flushes"]}
+    if flushing:
+        print("\n| flush() every second | flushes per round | mean flush() wait |")
+        print("|---|---|---|")
+        for label, runs in flushing.items():
+            print(f"| {label} | {runs[0]['flushes']} | {median_of(runs, 'flush_ms_mean'):.1f} ms |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all runs")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -288,43 +353,14 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(args.worker)
         return
     info = meta()
-    results: dict[str, Any] = {}
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in RUNS}
     with SinkProcess() as sink:
-        for label, kind, with_flush in RUNS:
-            print(f"running {label} ...", file=sys.stderr, flush=True)
-            results[label] = run_one(sink.url, kind, with_flush, args.seconds)
+        for round_ in range(args.rounds):
+            for label, kind, with_flush in RUNS:
+                print(f"round {round_ + 1}: {label} ...", file=sys.stderr, flush=True)
+                results[label].append(run_one(sink.url, kind, with_flush, args.seconds))
     info["loadavg_end"] = os.getloadavg()
-    print(
-        f"{info['date']}, commit {info['commit']}, Python {info['python']}, {info['machine']}, "
-        f"load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}"
-    )
-    print(f"{RATE:,} track() calls/s from {PRODUCERS} coroutines, {args.seconds:g} s per run\n")
-    header = (
-        "| run | events/s | loop lag max | p99 | p99.9 | track() mean | track() p99 | track() max |"
-    )
-    print(header)
-    print("|---|---|---|---|---|---|---|---|")
-    for label, r in results.items():
-        lag, tr = r["lag"], r["track_us"]
-        print(
-            f"| {label} | {r['events'] / r['seconds']:,.0f} | {lag['max_ms']:.2f} ms "
-            f"| {lag['p99_ms']:.2f} ms | {lag['p999_ms']:.2f} ms | {tr['mean']:.1f} µs "
-            f"| {tr['p99']:.1f} µs | {tr['max'] / 1000:.2f} ms |"
-        )
-    print("\n| final shutdown() | took | loop lag max | delivered |")
-    print("|---|---|---|---|")
-    for label, r in results.items():
-        if "shutdown_lag" in r:
-            print(
-                f"| {label} | {r['shutdown_ms']:.1f} ms | {r['shutdown_lag']['max_ms']:.2f} ms "
-                f"| {r['delivered']:,} ({r['dropped']} dropped) |"
-            )
-    flushing = {k: r for k, r in results.items() if r["flushes"]}
-    if flushing:
-        print("\n| flush() every second | flushes | mean flush() wait |")
-        print("|---|---|---|")
-        for label, r in flushing.items():
-            print(f"| {label} | {r['flushes']} | {r['flush_ms_mean']:.1f} ms |")
+    report(info, results, args.seconds)
     if args.json:
         args.json.write_text(json.dumps({"meta": info, "results": results}, indent=2))
 
