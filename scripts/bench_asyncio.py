@@ -21,8 +21,8 @@ For each run: the probe's worst lateness (the longest stall), its p99 and p99.9,
 the loop thread's time spent on the CPU (``time.thread_time``: the work left on the loop, even
 when other processes delay it), and the duration of the ``track()`` calls (mean, p99, max).
 ``track()`` is the same local commit in both clients, so the load-only figures should agree;
-the flush and shutdown rows show what waiting off the loop is worth. Numbers move with what else runs on the machine: compare within
-one run.
+the flush and shutdown rows show what waiting off the loop is worth. Numbers move with what
+else runs on the machine: compare within one run.
 """
 
 from __future__ import annotations
