@@ -13,9 +13,9 @@ coroutines that call ``track()`` on a fixed schedule (50 producers, one call eac
 - ``baseline``: the producers and the probe without the library (the producers do nothing):
   what asyncio's own scheduling costs on this machine;
 - ``AsyncAnalytics`` and ``Analytics`` (the sync client called from the coroutines): the load
-  alone, then the load with a ``flush()`` every second (``await analytics.flush()`` for the
-  async client, ``analytics.flush()`` straight from a coroutine for the sync one), then the
-  final ``shutdown()`` (awaited, or called from a coroutine).
+  alone, followed by the final ``shutdown()`` with 500 events still to ship (awaited, or
+  called from a coroutine); and the load with a ``flush()`` every second
+  (``await analytics.flush()``, or ``analytics.flush()`` straight from a coroutine).
 
 For each run: the probe's worst lateness (the longest stall), its p99 and p99.9, the share of
 the loop thread's time spent on the CPU (``time.thread_time``: the work left on the loop, even
