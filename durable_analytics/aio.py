@@ -16,7 +16,7 @@ its own, so the loop keeps serving while the flusher ships the batches.
 
 Cancelling ``await flush()`` cannot interrupt a thread, so the wait is made of bounded slices
 of `Analytics.flush`: a cancelled flush's thread ends when its current slice does (at most
-`_MAX_SLICE` seconds), never "when the backend comes back". ``await shutdown()`` is not
+`_SLICE` seconds), never "when the backend comes back". ``await shutdown()`` is not
 abandoned on cancellation: the cancellation reaches the caller at once, while the shutdown
 (bounded by its own timeout) finishes in its thread.
 """
@@ -46,13 +46,12 @@ __all__ = ["AsyncAnalytics"]
 
 T = TypeVar("T")
 
-# The first slice of a flush's wait, and the longest. Each slice is one call of
-# Analytics.flush(slice), which waits for the events queued before *that call*; so a slice
-# that ends without confirming is followed by a longer one (doubling, up to the cap), which
-# lets a flush under steady traffic end even when delivery lags by seconds. The cap is also
-# how long a cancelled flush's thread can outlive the cancellation.
-_FIRST_SLICE = 0.5
-_MAX_SLICE = 8.0
+# The longest one call of Analytics.flush lasts inside `await flush()`, and so how long a
+# cancelled flush's thread can outlive the cancellation. Each call waits for the events queued
+# before *that call*, so only the first slice has exactly flush()'s meaning; a later one also
+# waits for what arrived since. Slices are long so that nearly every flush is one exact call,
+# and a flush that outlasts one keeps waiting, for no more than the traffic it is part of.
+_SLICE = 30.0
 
 
 class AsyncAnalytics:
@@ -321,9 +320,8 @@ class AsyncAnalytics:
 def _sliced_flush(client: Analytics, timeout: float | None, cancelled: threading.Event) -> bool:
     """`Analytics.flush` in bounded slices, so that ``cancelled`` is noticed between them."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    slice_ = _FIRST_SLICE
     while True:
-        wait = slice_ if deadline is None else max(0.0, min(slice_, deadline - time.monotonic()))
+        wait = _SLICE if deadline is None else max(0.0, min(_SLICE, deadline - time.monotonic()))
         started = time.monotonic()
         if client.flush(wait):
             return True
@@ -333,7 +331,6 @@ def _sliced_flush(client: Analytics, timeout: float | None, cancelled: threading
             return False
         if cancelled.is_set() or (deadline is not None and time.monotonic() >= deadline):
             return False
-        slice_ = min(slice_ * 2, _MAX_SLICE)
 
 
 def _in_thread(work: Callable[[], T], *, name: str) -> asyncio.Future[T]:

@@ -15,7 +15,9 @@ coroutines that call ``track()`` on a fixed schedule (50 producers, one call eac
 - ``AsyncAnalytics`` and ``Analytics`` (the sync client called from the coroutines): the load
   alone, followed by the final ``shutdown()`` with 500 events still to ship (awaited, or
   called from a coroutine); and the load with a ``flush()`` every second
-  (``await analytics.flush()``, or ``analytics.flush()`` straight from a coroutine).
+  (``await analytics.flush()``, or ``analytics.flush()`` straight from a coroutine), against
+  the sink and against a slow backend (the project's collector answering after 100 ms, in its
+  own process).
 
 For each run: the probe's worst lateness (the longest stall), its p99 and p99.9, the share of
 the loop thread's time spent on the CPU (``time.thread_time``: the work left on the loop, even
@@ -54,13 +56,29 @@ RATE = 5000  # events per second, all producers together
 PRODUCERS = 50
 PROBE_INTERVAL = 0.001
 FLUSH_EVERY = 1.0
+#: The slow backend's answer time: an ingest API across a continent, or a busy one.
+SLOW_BACKEND = 0.1
+#: (label, client, flush() every second, backend): "sink" answers at once, "slow" after
+#: SLOW_BACKEND seconds.
 RUNS = (
-    ("baseline", "none", False),
-    ("AsyncAnalytics", "async", False),
-    ("Analytics from async code", "sync", False),
-    ("AsyncAnalytics + flush()/s", "async", True),
-    ("Analytics + flush()/s", "sync", True),
+    ("baseline", "none", False, "sink"),
+    ("AsyncAnalytics", "async", False, "sink"),
+    ("Analytics from async code", "sync", False, "sink"),
+    ("AsyncAnalytics + flush()/s", "async", True, "sink"),
+    ("Analytics + flush()/s", "sync", True, "sink"),
+    ("AsyncAnalytics + flush()/s, slow backend", "async", True, "slow"),
+    ("Analytics + flush()/s, slow backend", "sync", True, "slow"),
 )
+
+# The slow backend: the project's collector scripted to answer every request after a delay,
+# in its own process like the sink.
+_SLOW_BACKEND_CODE = f"""
+from durable_analytics.collector import Collector
+collector = Collector(keep_records=False).start()
+collector.respond_with(202, body='{{"status": "accepted"}}', delay={SLOW_BACKEND}, times=None)
+print(collector.url, flush=True)
+collector.serve_forever()
+"""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -353,12 +371,23 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(args.worker)
         return
     info = meta()
-    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in RUNS}
-    with SinkProcess() as sink:
-        for round_ in range(args.rounds):
-            for label, kind, with_flush in RUNS:
-                print(f"round {round_ + 1}: {label} ...", file=sys.stderr, flush=True)
-                results[label].append(run_one(sink.url, kind, with_flush, args.seconds))
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in RUNS}
+    slow = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_BACKEND_CODE], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert slow.stdout is not None
+        slow_url = slow.stdout.readline().strip()
+        with SinkProcess() as sink:
+            urls = {"sink": sink.url, "slow": slow_url}
+            for round_ in range(args.rounds):
+                for label, kind, with_flush, backend in RUNS:
+                    print(f"round {round_ + 1}: {label} ...", file=sys.stderr, flush=True)
+                    result = run_one(urls[backend], kind, with_flush, args.seconds)
+                    results[label].append(result)
+    finally:
+        slow.terminate()
+        slow.wait(10)
     info["loadavg_end"] = os.getloadavg()
     report(info, results, args.seconds)
     if args.json:

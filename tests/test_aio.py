@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from test_integrations_asgi import serve_uvicorn
 
-from durable_analytics import Analytics, ClosedError, get_context
+from durable_analytics import Analytics, ClosedError, aio, get_context
 from durable_analytics.aio import AsyncAnalytics
 from durable_analytics.collector import Collector, ReceivedRequest
 from durable_analytics.integrations.asgi import AnalyticsMiddleware
@@ -250,11 +250,16 @@ def test_flush_waits_without_blocking_the_loop(
 
 
 def test_cancelled_flush_leaves_no_thread_behind(
-    make_async: Callable[..., AsyncAnalytics], collector: Collector
+    make_async: Callable[..., AsyncAnalytics],
+    collector: Collector,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Cancelling ``await flush()`` (no timeout) while the backend holds its answer raises
     CancelledError in the caller, and the worker thread ends by itself while the backend is
     still holding: it is not left waiting for the delivery. A later flush delivers."""
+    # The thread ends when its current slice of waiting does (30 s in production); a short
+    # slice lets the test see that happen while the gate is still shut.
+    monkeypatch.setattr(aio, "_SLICE", 0.2)
     gate = Gate(collector)
     analytics = make_async(base_url=collector.url)
     analytics.track("u1", "clicked")
