@@ -281,6 +281,7 @@ class AsyncAnalytics:
         future = _in_thread(
             lambda: _sliced_flush(self._client, timeout, cancelled),
             name=f"durable-analytics-aio-flush[{self._client.config.app_id}]",
+            daemon=True,  # only waits; what it waits for stays on disk
         )
         try:
             return await future
@@ -300,6 +301,9 @@ class AsyncAnalytics:
         future = _in_thread(
             lambda: self._client.shutdown(timeout),
             name=f"durable-analytics-aio-shutdown[{self._client.config.app_id}]",
+            # An exit must not cut the shutdown off mid-request (that batch would be sent
+            # again by the next process); it is bounded by its timeout.
+            daemon=False,
         )
         return await asyncio.shield(future)
 
@@ -333,12 +337,13 @@ def _sliced_flush(client: Analytics, timeout: float | None, cancelled: threading
             return False
 
 
-def _in_thread(work: Callable[[], T], *, name: str) -> asyncio.Future[T]:
-    """Run ``work`` in a new daemon thread; its outcome settles the returned future.
+def _in_thread(work: Callable[[], T], *, name: str, daemon: bool) -> asyncio.Future[T]:
+    """Run ``work`` in a new thread; its outcome settles the returned future.
 
     A thread of its own rather than the loop's default executor: a flush or shutdown that
     waits for seconds would otherwise hold one of the few executor threads the application's
     own ``to_thread`` calls need, and ``asyncio.run`` waits for the executor at exit.
+    ``daemon``: whether the interpreter may exit without waiting for it.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -363,5 +368,5 @@ def _in_thread(work: Callable[[], T], *, name: str) -> asyncio.Future[T]:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=daemon).start()
     return future

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -354,6 +355,44 @@ def test_cancelled_shutdown_still_completes(
     assert join_all(threads_named("durable-analytics-aio-shutdown"))
     assert collector.event_count == 1
     assert queued(analytics.client) == []
+
+
+def test_a_cancelled_shutdown_still_finishes_when_the_program_ends(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """A program whose ``await shutdown()`` is cancelled and which then returns from
+    ``asyncio.run`` does not exit in the middle of the shutdown: the interpreter waits for it
+    (bounded by its timeout), so the event is delivered and removed from the queue, not left
+    to be sent again by the next process."""
+    collector.respond_with(202, body='{"status": "accepted"}', delay=0.5)
+    code = f"""
+import asyncio, contextlib
+from durable_analytics.aio import AsyncAnalytics
+
+async def main():
+    analytics = AsyncAnalytics(
+        app_id="aio-exit", persistence_dir={str(queue_dir)!r}, base_url={collector.url!r},
+        handle_signals=False, flush_interval=60.0,
+    )
+    analytics.track("u1", "last words")
+    shutdown = asyncio.create_task(analytics.shutdown(timeout={TIMEOUT}))
+    await asyncio.sleep(0)  # the shutdown thread is started
+    shutdown.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await shutdown
+
+asyncio.run(main())
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT * 3
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [e["event"] for e in collector.events] == ["last words"]
+    db = sqlite3.connect(queue_dir / "queue.db")
+    try:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    finally:
+        db.close()
 
 
 # --- under a real server ------------------------------------------------------------------------
