@@ -29,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from durable_analytics import Analytics, get_context
+from durable_analytics import Analytics, ConfigurationError, get_context
+from durable_analytics.aio import AsyncAnalytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.integrations.asgi import AnalyticsMiddleware, Message, Receive, Scope, Send
 
@@ -142,6 +143,54 @@ def test_ignore_paths_and_track_requests(analytics: Analytics) -> None:
     untimed = AnalyticsMiddleware(context_app, analytics, track_response_time=False)
     asyncio.run(call(untimed, http_scope("/")))
     assert set(queued(analytics)[0]["properties"]) == {"method", "path", "status_code"}
+
+
+# --- which client: given, AsyncAnalytics, or from the lifespan state ---------------------------
+
+
+def test_async_analytics_is_accepted(analytics: Analytics) -> None:
+    """An AsyncAnalytics works as the middleware's client: the event goes to its queue."""
+    app = AnalyticsMiddleware(context_app, AsyncAnalytics.from_client(analytics))
+    asyncio.run(call(app, http_scope("/a", headers=[("X-User-Id", "u1")])))
+    [event] = queued(analytics)
+    assert (event["event"], event["app_user_id"]) == ("http_request", "u1")
+
+
+def test_client_from_the_lifespan_state(analytics: Analytics) -> None:
+    """Without a client argument the middleware uses the one the lifespan put in the state
+    (``scope["state"]``, under ``state_key``), an AsyncAnalytics or an Analytics; a new
+    lifespan's new client is picked up."""
+    app = AnalyticsMiddleware(context_app)
+    wrapped = AsyncAnalytics.from_client(analytics)
+    scope = {**http_scope("/s1", headers=[("X-User-Id", "u1")]), "state": {"analytics": wrapped}}
+    sent = asyncio.run(call(app, scope))
+    assert json.loads(sent[1]["body"])["id"] == "u1"
+    custom = AnalyticsMiddleware(context_app, state_key="tracker")
+    asyncio.run(call(custom, {**http_scope("/s2"), "state": {"tracker": analytics}}))
+    asyncio.run(call(app, {**http_scope("/s3"), "state": {"analytics": analytics}}))
+    assert [e["properties"]["path"] for e in queued(analytics)] == ["/s1", "/s2", "/s3"]
+
+
+def test_without_a_client_requests_pass_through_and_it_is_logged_once(
+    analytics: Analytics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No client given and none in the lifespan state: every request is answered as if the
+    middleware were not there (no context, no event), and one error says how to fix it."""
+    app = AnalyticsMiddleware(context_app)
+    with caplog.at_level(logging.ERROR, logger="durable_analytics"):
+        for scope in (http_scope("/x"), {**http_scope("/y"), "state": {"other": analytics}}):
+            sent = asyncio.run(call(app, {**scope, "headers": [(b"x-user-id", b"u1")]}))
+            assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+            assert json.loads(sent[1]["body"]) is None
+    assert queued(analytics) == []
+    [record] = caplog.records
+    assert "yield {'analytics': client} from the lifespan" in record.getMessage()
+
+
+def test_state_key_must_be_a_string(analytics: Analytics) -> None:
+    """A state_key that is not a string is a ConfigurationError naming it."""
+    with pytest.raises(ConfigurationError, match="state_key"):
+        AnalyticsMiddleware(context_app, state_key=None)  # type: ignore[arg-type]
 
 
 def test_lifespan_and_websocket_scopes_pass_through_untouched(analytics: Analytics) -> None:
