@@ -668,7 +668,8 @@ def w_bulk(p: dict[str, Any]) -> dict[str, Any]:
 
     ``mode``: "batch" (ours, ``batch()`` blocks of ``block`` events, durable at each exit),
     "track_many" and "track" (ours), or "segment" (its ``track()``, tuned so that it drops
-    nothing). Sending is on for everyone (the flusher or consumer ships to the sink meanwhile).
+    nothing). Sending is on (the flusher or consumer ships to the sink meanwhile), except in
+    "batch_nosend", a diagnostic: "batch" with no flusher.
     For "batch" the time is split into adding the events (validate + encode) and the block's
     exit (the SQLite transaction), and afterwards the same events are built again with
     ``EventBuilder.build`` alone, and generated alone, for the profile.
@@ -692,11 +693,12 @@ def w_bulk(p: dict[str, Any]) -> dict[str, Any]:
         subject.close()
         result.update(seconds=elapsed, events_per_s=n / elapsed, dropped=refused)
         return result
-    client = bulk_client(p, send=True, max_queue_size=2 * n + 10_000)
+    # "batch_nosend" (a diagnostic): no flusher competing with the producer for the GIL.
+    client = bulk_client(p, send=mode != "batch_nosend", max_queue_size=2 * n + 10_000)
     gc.collect()
     add_s = commit_s = 0.0
     start = ns()
-    if mode == "batch":
+    if mode in ("batch", "batch_nosend"):
         block = p["block"]
         for first in range(0, n, block):
             t0 = ns()
@@ -727,7 +729,7 @@ def w_bulk(p: dict[str, Any]) -> dict[str, Any]:
         enqueued=stats["enqueued"],
         dropped=sum(stats["dropped"].values()),
     )
-    if mode == "batch":
+    if mode in ("batch", "batch_nosend"):
         result["add_us"] = add_s / n * 1e6
         result["commit_us"] = commit_s / n * 1e6
         result["block_commit_ms"] = commit_s / -(-n // p["block"]) * 1000
@@ -1236,6 +1238,7 @@ class Bench:
             ("segment", "segment"),
             ("ours", "track_many"),
             ("ours", "track"),
+            ("ours", "batch_nosend"),
         )
         for system, mode in modes:
             if system not in self.systems:
@@ -1617,7 +1620,11 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 verdict(None if ratio is None else ratio >= TARGETS["bulk_ratio"]),
             )
         )
-        for mode, label in (("track_many", "track_many()"), ("track", "track() per event")):
+        for mode, label in (
+            ("track_many", "track_many()"),
+            ("track", "track() per event"),
+            ("batch_nosend", "batch(), send=False"),
+        ):
             data = bulk.get(mode)
             if data is not None:
                 ratio = data["events_per_s"] / seg_b["events_per_s"] if seg_b else None
