@@ -5,6 +5,7 @@
     python scripts/bench.py --quick          # smoke mode: small counts, well under a minute
     python scripts/bench.py --only ours      # skip the peers (also: --only ours,segment)
     python scripts/bench.py --figures 1,2,5  # a subset of the figures (see docs/performance.md)
+    python scripts/bench.py --figures 9,10,11 --only ours,segment  # batch jobs (issue 13)
     python scripts/bench.py --json out.json  # also write every raw figure as JSON
 
 Every SDK ships to the same sink (``scripts/_sink.py``): a ThreadingHTTPServer with HTTP/1.1
@@ -13,6 +14,11 @@ keep-alive in its own process on 127.0.0.1, answering any POST ``200 {}`` and co
 with ``--worker``), so one SDK's background threads, memory and imports never touch another's
 figure. The peers' and our own warning logs are silenced alike (a warning per dropped event would
 otherwise be timed as part of ``track()``).
+
+Figures 9-11 are batch jobs (issue 13): a 200,000-event historical import through ``batch()``
+against Segment's ``track()``, the same import to the last event acknowledged by the sink, and
+50 import jobs each SIGKILLed at a seeded random moment and re-run from their checkpoint with
+sending on (lost rows, rows enqueued twice, duplicate deliveries by message id).
 
 The peers are benchmark-only extras (``pip install -e '.[bench]'``); a missing one is skipped
 with a note. psutil is used for RSS when installed, else ``/proc/self/statm``.
@@ -56,7 +62,7 @@ from _sink import SinkProcess, free_port  # noqa: E402
 SYSTEMS = ("ours", "segment", "posthog")
 LABELS = {"ours": "ours", "segment": "Segment", "posthog": "PostHog"}
 PEER_MODULES = {"segment": "segment.analytics", "posthog": "posthog"}
-FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "mw")
+FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "mw")
 EVENT = "page_view"
 APP_ID = "bench"
 MIB = 1024 * 1024
@@ -72,6 +78,8 @@ TARGETS = {
     "restart_ms": 50.0,
     "depth_ms": 1.0,
     "drain_eps": 100_000.0,
+    "bulk_ratio": 4.0,
+    "import_ratio": 2.0,
 }
 
 
@@ -86,6 +94,11 @@ class Scale:
     backlog: int
     peer_backlog: int
     power_calls: int
+    bulk_events: int
+    bulk_block: int
+    resume_runs: int
+    resume_rows: int
+    resume_block: int
 
 
 FULL = Scale(
@@ -96,6 +109,11 @@ FULL = Scale(
     backlog=1_000_000,
     peer_backlog=100_000,
     power_calls=5_000,
+    bulk_events=200_000,
+    bulk_block=1_000,
+    resume_runs=50,
+    resume_rows=20_000,
+    resume_block=1_000,
 )
 QUICK = Scale(
     latency_calls=5_000,
@@ -105,6 +123,11 @@ QUICK = Scale(
     backlog=20_000,
     peer_backlog=10_000,
     power_calls=500,
+    bulk_events=5_000,
+    bulk_block=1_000,
+    resume_runs=3,
+    resume_rows=2_000,
+    resume_block=200,
 )
 
 # --- the systems under test ----------------------------------------------------------------
@@ -215,6 +238,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "segment": {
         "default": {},
         "tuned": {"max_queue_size": 100_000, "upload_size": 500},
+        # Figures 9 and 10 (issue 13): a queue that holds the whole 200,000-event import.
+        "import": {"max_queue_size": 300_000, "upload_size": 500},
     },
     "posthog": {
         "default": {},
@@ -614,6 +639,368 @@ def w_middleware(p: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# --- batch jobs (figures 9-11, issue 13) ----------------------------------------------------
+
+#: Historical timestamps: event i happened i seconds after this moment.
+BULK_EPOCH = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def bulk_args(i: int) -> tuple[str, dict[str, Any], dt.datetime]:
+    """Event i of an import, the same for every SDK: user, properties, historical timestamp."""
+    return USERS[i % 100], props(i), BULK_EPOCH + dt.timedelta(seconds=i)
+
+
+def bulk_client(p: dict[str, Any], **options: Any) -> Any:
+    """Our client for figures 9 and 10 (``p["extra"]`` over ``options``)."""
+    from durable_analytics import Analytics
+
+    return Analytics(
+        app_id=APP_ID,
+        base_url=p["sink"],
+        persistence_dir=Path(p["dir"]),
+        handle_signals=False,
+        **{**options, **(p.get("extra") or {})},
+    )
+
+
+def w_bulk(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 9: ingest ``events`` historical events as fast as one thread can.
+
+    ``mode``: "batch" (ours, ``batch()`` blocks of ``block`` events, durable at each exit),
+    "track_many" and "track" (ours), or "segment" (its ``track()``, tuned so that it drops
+    nothing). Sending is on (the flusher or consumer ships to the sink meanwhile), except in
+    "batch_nosend", a diagnostic: "batch" with no flusher.
+    For "batch" the time is split into adding the events (validate + encode) and the block's
+    exit (the SQLite transaction), and afterwards the same events are built again with
+    ``EventBuilder.build`` alone, and generated alone, for the profile.
+    """
+    n, mode = p["events"], p["mode"]
+    ns = time.perf_counter
+    result: dict[str, Any] = {"events": n, "mode": mode}
+    if mode == "segment":
+        subject = make_subject("segment", p["sink"], Path(p["dir"]), "import")
+        assert isinstance(subject, Segment)
+        strack = subject.client.track
+        refused = 0
+        gc.collect()
+        start = ns()
+        for i in range(n):
+            uid, event_props, ts = bulk_args(i)
+            if not strack(uid, EVENT, event_props, timestamp=ts)[0]:
+                refused += 1
+        elapsed = ns() - start
+        subject.flush(300.0)  # not timed: keeps its traffic out of the next worker's figure
+        subject.close()
+        result.update(seconds=elapsed, events_per_s=n / elapsed, dropped=refused)
+        return result
+    # "batch_nosend" (a diagnostic): no flusher competing with the producer for the GIL.
+    # max_batch_size=500 as Segment's upload_size: with 100 the flusher takes the GIL five
+    # times as often while the producer runs (figure 10 shows both sizes).
+    client = bulk_client(
+        p, send=mode != "batch_nosend", max_queue_size=2 * n + 10_000, max_batch_size=500
+    )
+    gc.collect()
+    add_s = commit_s = 0.0
+    cpu_start = time.thread_time()
+    start = ns()
+    if mode in ("batch", "batch_nosend"):
+        block = p["block"]
+        for first in range(0, n, block):
+            t0 = ns()
+            with client.batch() as batch:
+                track = batch.track
+                for i in range(first, min(first + block, n)):
+                    uid, event_props, ts = bulk_args(i)
+                    track(uid, EVENT, event_props, timestamp=ts)
+                t1 = ns()
+            t2 = ns()
+            add_s += t1 - t0
+            commit_s += t2 - t1
+    elif mode == "track_many":
+        client.track_many(
+            {"event": EVENT, "distinct_id": uid, "properties": event_props, "timestamp": ts}
+            for uid, event_props, ts in map(bulk_args, range(n))
+        )
+    else:
+        track = client.track
+        for i in range(n):
+            uid, event_props, ts = bulk_args(i)
+            track(uid, EVENT, event_props, timestamp=ts)
+    elapsed = ns() - start
+    # CPU this thread used: the rest of the wall time it waited (GIL, the write lock, the CPU).
+    cpu = time.thread_time() - cpu_start
+    stats = client.stats()
+    result.update(
+        seconds=elapsed,
+        events_per_s=n / elapsed,
+        producer_cpu_us=cpu / n * 1e6,
+        enqueued=stats["enqueued"],
+        dropped=sum(stats["dropped"].values()),
+    )
+    if mode in ("batch", "batch_nosend"):
+        result["add_us"] = add_s / n * 1e6
+        result["commit_us"] = commit_s / n * 1e6
+        result["block_commit_ms"] = commit_s / -(-n // p["block"]) * 1000
+    client.flush(300.0)
+    if mode == "batch":
+        # The profile: the same events again, each step alone, with the flusher idle.
+        consent = client._consent.as_dict()
+        build = client._builder.build
+        prepare = client._prepare
+        gc.collect()
+        t0 = ns()
+        for i in range(n):
+            bulk_args(i)
+        t1 = ns()
+        for i in range(n):
+            uid, event_props, ts = bulk_args(i)
+            build(
+                kind="track",
+                event=EVENT,
+                distinct_id=uid,
+                properties=event_props,
+                consent=consent,
+                timestamp=ts,
+            )
+        t2 = ns()
+        for i in range(n):
+            uid, event_props, ts = bulk_args(i)
+            prepare("track", {"timestamp": ts}, (uid, EVENT, event_props))
+        t3 = ns()
+        args_us = (t1 - t0) / n * 1e6
+        result["args_us"] = args_us
+        result["build_us"] = (t2 - t1) / n * 1e6 - args_us
+        result["prepare_us"] = (t3 - t2) / n * 1e6 - args_us
+    client.shutdown(30.0)
+    return result
+
+
+def w_import(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 10: ``events`` historical events from the first call to the last one the sink
+    acknowledged. Ours: ``batch()`` blocks of ``block``, then ``flush()``; Segment (tuned):
+    ``track()`` per event, then ``flush()``."""
+    sink = SinkClient(p["sink"])
+    sink.reset()
+    n = p["events"]
+    if p["system"] == "segment":
+        subject = make_subject("segment", p["sink"], Path(p["dir"]), "import")
+        assert isinstance(subject, Segment)
+        strack = subject.client.track
+        refused = 0
+        start = time.monotonic()
+        for i in range(n):
+            uid, event_props, ts = bulk_args(i)
+            if not strack(uid, EVENT, event_props, timestamp=ts)[0]:
+                refused += 1
+        produced = time.monotonic()
+        subject.flush(600.0)
+        flushed = time.monotonic()
+        dropped = refused
+        close: Callable[[], Any] = subject.close
+    else:
+        client = bulk_client(p, send=True)
+        block = p["block"]
+        start = time.monotonic()
+        for first in range(0, n, block):
+            with client.batch() as batch:
+                track = batch.track
+                for i in range(first, min(first + block, n)):
+                    uid, event_props, ts = bulk_args(i)
+                    track(uid, EVENT, event_props, timestamp=ts)
+        produced = time.monotonic()
+        client.flush(600.0)
+        flushed = time.monotonic()
+        dropped = sum(client.stats()["dropped"].values())
+        close = lambda: client.shutdown(30.0)  # noqa: E731
+    stats = sink.wait(n - dropped, timeout=120.0)
+    end = stats["last_at"] or flushed
+    if stats["unique"] < n - dropped:
+        end = max(end, flushed)
+    close()
+    wall = end - start
+    return {
+        "events": n,
+        "delivered": stats["unique"],
+        "duplicates": stats["events"] - stats["unique"],
+        "dropped": dropped,
+        "delivered_pct": 100.0 * stats["unique"] / n,
+        "wall_s": wall,
+        "events_per_s": stats["unique"] / wall if wall > 0 else 0.0,
+        "produce_s": produced - start,
+        "flush_returned_s": flushed - start,
+        "requests": stats["requests"],
+    }
+
+
+def w_resume_job(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 11's job (tests/workers/import_job.py with sending on): import ``rows`` rows in
+    ``block``-row ``batch()`` blocks from the checkpoint on, then flush. Prints
+    "committed N" after each block, "flushed" and "done"; the harness kills it at random."""
+    from durable_analytics import Analytics
+
+    rows, block, tag = p["rows"], p["block"], p["tag"]
+    with Analytics(
+        app_id=APP_ID,
+        base_url=p["sink"],
+        persistence_dir=Path(p["dir"]),
+        handle_signals=False,
+        max_queue_size=rows + 1,
+        max_batch_size=p["max_batch_size"],
+    ) as analytics:
+        start = int(analytics.checkpoint("import") or 0)
+        for first in range(start, rows, block):
+            last = min(first + block, rows)
+            with analytics.batch() as batch:
+                for n in range(first, last):
+                    batch.track(
+                        USERS[n % 100],
+                        "Order Completed",
+                        {"row": n, "total": n % 100},
+                        timestamp=BULK_EPOCH + dt.timedelta(minutes=n),
+                        # One id per row (and per harness run): a row sent twice is visible.
+                        message_id=f"{tag}-row-{n:07d}",
+                    )
+                batch.checkpoint("import", str(last))
+            sys.stdout.write(f"committed {last}\n")
+            sys.stdout.flush()
+        delivered = analytics.flush(120.0)
+        sys.stdout.write(f"flushed {delivered}\n")
+        sys.stdout.flush()
+    sys.stdout.write("done\n")
+    sys.stdout.flush()
+    return {"started_at_row": start}
+
+
+def _job_phase(output: str, rows: int) -> str:
+    """Where a killed job was, from the last line it printed."""
+    lines = output.split()
+    if "done" in lines:
+        return "exited"
+    if "flushed" in output:
+        return "closing"
+    committed = [line for line in output.splitlines() if line.startswith("committed ")]
+    if not committed:
+        return "startup"
+    if int(committed[-1].split()[1]) >= rows:
+        return "flushing"
+    return "importing"
+
+
+def w_resume(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 11: ``runs`` jobs, each SIGKILLed at a seeded random moment and re-run from its
+    checkpoint with sending on; per run: lost rows, rows enqueued twice, duplicate deliveries."""
+    import random
+    import signal
+
+    rng = random.Random(p["seed"])
+    sink = SinkClient(p["sink"])
+    base = Path(p["dir"])
+    rows = p["rows"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+
+    def job(index: int, attempt: int) -> tuple[list[str], dict[str, Any]]:
+        spec = {
+            "kind": "resume_job",
+            "sink": p["sink"],
+            "dir": str(base / f"run-{index:03d}"),
+            "result_path": str(base / f"job-{index:03d}-{attempt}.json"),
+            "rows": rows,
+            "block": p["block"],
+            "max_batch_size": p["max_batch_size"],
+            "tag": f"r{index}",
+        }
+        return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], spec
+
+    # Calibrate: one uninterrupted job gives the span the kill moments are drawn from: from
+    # 0.1 s before its first commit (the queue being opened, the checkpoint read) to its exit.
+    # Earlier, the interpreter is still starting and a kill there tests nothing of ours.
+    sink.reset()
+    argv, _ = job(0, 0)
+    t0 = time.monotonic()
+    first_commit = None
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as calibration:
+        assert calibration.stdout is not None
+        for line in calibration.stdout:
+            if first_commit is None and line.startswith("committed "):
+                first_commit = time.monotonic() - t0
+    span = time.monotonic() - t0
+    if calibration.returncode != 0 or first_commit is None:
+        raise RuntimeError(f"the uninterrupted job failed (exit {calibration.returncode})")
+    low = max(0.0, first_commit - 0.1)
+    runs: list[dict[str, Any]] = []
+    missed = 0
+    index = 0
+    while len(runs) < p["runs"] and index < 3 * p["runs"]:
+        index += 1
+        sink.reset()
+        argv, spec = job(index, 0)
+        delay = rng.uniform(low, span)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate()
+        phase = _job_phase(output, rows)
+        if not killed or phase == "exited":
+            missed += 1
+            shutil.rmtree(spec["dir"], ignore_errors=True)
+            continue
+        argv, _ = job(index, 1)
+        rerun = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, timeout=300)
+        stats = sink.wait(rows, timeout=60.0)
+        queue = Path(spec["dir"]) / "queue.db"
+        conn = sqlite3.connect(f"file:{queue}?mode=ro", uri=True)
+        try:
+            (left,) = conn.execute("SELECT count(*) FROM events").fetchone()
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            checkpoint = conn.execute(
+                "SELECT value FROM checkpoints WHERE name = 'import'"
+            ).fetchone()
+        finally:
+            conn.close()
+        inserted = row[0] if row else 0
+        runs.append(
+            {
+                "run": index,
+                "kill_after_s": delay,
+                "phase": phase,
+                "rerun_ok": rerun.returncode == 0 and "done" in rerun.stdout.split(),
+                "delivered": stats["unique"],
+                "still_queued": left,
+                "lost": rows - stats["unique"] - left,
+                # Rows ever inserted into the queue (AUTOINCREMENT's counter) beyond one a row.
+                "enqueued_twice": inserted - rows,
+                "duplicate_deliveries": stats["events"] - stats["unique"],
+                "checkpoint": checkpoint[0] if checkpoint else None,
+            }
+        )
+        shutil.rmtree(spec["dir"], ignore_errors=True)
+    phases: dict[str, int] = {}
+    for run in runs:
+        phases[run["phase"]] = phases.get(run["phase"], 0) + 1
+    dups = [run["duplicate_deliveries"] for run in runs]
+    return {
+        "runs": len(runs),
+        "rows": rows,
+        "block": p["block"],
+        "max_batch_size": p["max_batch_size"],
+        "seed": p["seed"],
+        "job_s": span,
+        "kill_window_s": [low, span],
+        "missed_kills": missed,
+        "phases": phases,
+        "reruns_ok": sum(run["rerun_ok"] for run in runs),
+        "lost": sum(max(run["lost"], 0) for run in runs),
+        "enqueued_twice": sum(max(run["enqueued_twice"], 0) for run in runs),
+        "checkpoints_ok": sum(run["checkpoint"] == str(rows) for run in runs),
+        "duplicate_deliveries": sum(dups),
+        "max_duplicates_per_kill": max(dups, default=0),
+        "kills_with_duplicates": sum(d > 0 for d in dups),
+        "per_run": runs,
+    }
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "latency": w_latency,
     "timer": w_timer,
@@ -623,6 +1010,10 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "backlog": w_backlog,
     "restart": w_restart,
     "middleware": w_middleware,
+    "bulk": w_bulk,
+    "import": w_import,
+    "resume_job": w_resume_job,
+    "resume": w_resume,
 }
 
 
@@ -844,6 +1235,65 @@ class Bench:
                 warmup=self.scale.warmup,
             )
 
+    def bulk(self) -> None:
+        """Figure 9: bulk ingest of historical events by one thread."""
+        n, block = self.scale.bulk_events, self.scale.bulk_block
+        out: dict[str, Any] = {}
+        # Segment right after ours' batch(): the two runs behind the ratio share the machine's
+        # load as closely as they can on a busy machine.
+        modes = (
+            ("ours", "batch"),
+            ("segment", "segment"),
+            ("ours", "track_many"),
+            ("ours", "track"),
+            ("ours", "batch_nosend"),
+        )
+        for system, mode in modes:
+            if system not in self.systems:
+                continue
+            self.log(f"9. bulk ingest of {n:,} historical events: {system} {mode}")
+            out[mode] = self.run_median(
+                "bulk", "events_per_s", system=system, mode=mode, events=n, block=block
+            )
+        self.results["bulk"] = out
+
+    def import_delivered(self) -> None:
+        """Figure 10: the same import, from the first call to the last event at the sink."""
+        n, block = self.scale.bulk_events, self.scale.bulk_block
+        room = {"max_queue_size": 2 * n + 10_000, "on_queue_full": "block"}
+        runs: dict[str, tuple[str, dict[str, Any] | None]] = {
+            "ours:batch500": ("ours", {**room, "max_batch_size": 500}),
+            "segment:import": ("segment", None),
+            "ours:batch100": ("ours", room),
+            # The default cap (10,000 of this process's events) with backpressure instead.
+            "ours:block_default_cap": ("ours", {"on_queue_full": "block", "max_batch_size": 500}),
+        }
+        out: dict[str, Any] = {}
+        for key, (system, extra) in runs.items():
+            if system not in self.systems:
+                continue
+            self.log(f"10. import of {n:,} events to delivered: {key}")
+            out[key] = self.run_median(
+                "import", "events_per_s", system=system, events=n, block=block, extra=extra
+            )
+        self.results["import"] = out
+
+    def resume(self) -> None:
+        """Figure 11: jobs SIGKILLed at seeded random moments and re-run, sending on."""
+        if "ours" not in self.systems:
+            return
+        runs, rows = self.scale.resume_runs, self.scale.resume_rows
+        self.log(f"11. resume: {runs} jobs of {rows:,} rows, each SIGKILLed and re-run")
+        self.results["resume"] = self.run(
+            "resume",
+            timeout=1_800.0,
+            runs=runs,
+            rows=rows,
+            block=self.scale.resume_block,
+            max_batch_size=100,
+            seed=13,
+        )
+
     def middleware(self) -> None:
         if not (SCRIPTS / "bench_middleware.py").exists():
             self.notes.append("middleware overhead skipped: scripts/bench_middleware.py not found")
@@ -863,6 +1313,12 @@ class Bench:
             self.backlog()
         if self.want("8"):
             self.power()
+        if self.want("9"):
+            self.bulk()
+        if self.want("10"):
+            self.import_delivered()
+        if self.want("11"):
+            self.resume()
         if self.want("mw"):
             self.middleware()
 
@@ -1153,6 +1609,130 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 "info",
             )
         )
+    bulk = results.get("bulk") or {}
+    if bulk:
+        ours_b, seg_b = bulk.get("batch"), bulk.get("segment")
+        seg_text = (
+            f"Segment track() {fmt(seg_b['events_per_s'], '/s')} ({seg_b['dropped']:,} dropped)"
+            if seg_b
+            else "-"
+        )
+        ratio = ours_b["events_per_s"] / seg_b["events_per_s"] if ours_b and seg_b else None
+        rows.append(
+            Row(
+                "9. bulk ingest, batch() of 1,000, events/s",
+                fmt(_get(ours_b, "events_per_s"), "/s"),
+                seg_text,
+                f"{ratio:.2f}x Seg" if ratio is not None else "-",
+                ">= 4.00x Seg",
+                verdict(None if ratio is None else ratio >= TARGETS["bulk_ratio"]),
+            )
+        )
+        for mode, label in (
+            ("track_many", "track_many()"),
+            ("track", "track() per event"),
+            ("batch_nosend", "batch(), send=False"),
+        ):
+            data = bulk.get(mode)
+            if data is not None:
+                ratio = data["events_per_s"] / seg_b["events_per_s"] if seg_b else None
+                rows.append(
+                    Row(
+                        f"9. bulk ingest, ours {label}",
+                        f"{fmt(data['events_per_s'], '/s')} ({data['dropped']:,} dropped)",
+                        "-",
+                        f"{ratio:.2f}x Seg" if ratio is not None else "-",
+                        "-",
+                        "info",
+                    )
+                )
+        if ours_b is not None and "build_us" in ours_b:
+            per_event = 1e6 / ours_b["events_per_s"]
+            rows.append(
+                Row(
+                    "9. profile per event, batch() (µs)",
+                    f"{per_event:.1f} = add {ours_b['add_us']:.1f} "
+                    f"(build {ours_b['build_us']:.1f}, all checks {ours_b['prepare_us']:.1f}, "
+                    f"args {ours_b['args_us']:.1f}) + commit {ours_b['commit_us']:.1f} "
+                    f"({ours_b['block_commit_ms']:.1f} ms/block); producer CPU "
+                    f"{ours_b['producer_cpu_us']:.1f}",
+                    f"Segment {1e6 / seg_b['events_per_s']:.1f} per track()" if seg_b else "-",
+                    "-",
+                    "-",
+                    "info",
+                )
+            )
+    imp = results.get("import") or {}
+    if imp:
+        seg_i = imp.get("segment:import")
+        seg_text = (
+            f"Segment tuned {fmt(seg_i['events_per_s'], '/s')} ({seg_i['wall_s']:.1f} s, "
+            f"{seg_i['delivered_pct']:.1f}%, {seg_i['duplicates']:,} dup, "
+            f"{seg_i['dropped']:,} dropped)"
+            if seg_i
+            else "-"
+        )
+        for key, label, judged in (
+            ("ours:batch500", "max_batch_size=500", True),
+            ("ours:batch100", "max_batch_size=100", True),
+            ("ours:block_default_cap", "default cap, block, 500", False),
+        ):
+            data = imp.get(key)
+            if data is None:
+                continue
+            ratio = data["events_per_s"] / seg_i["events_per_s"] if seg_i else None
+            complete = data["delivered"] == data["events"] and data["duplicates"] == 0
+            ok = None if ratio is None else ratio >= TARGETS["import_ratio"] and complete
+            rows.append(
+                Row(
+                    f"10. import to delivered, {label}",
+                    f"{fmt(data['events_per_s'], '/s')} ({data['wall_s']:.1f} s, "
+                    f"{data['delivered_pct']:.1f}%, {data['duplicates']:,} dup, "
+                    f"{data['dropped']:,} dropped)",
+                    seg_text if key == "ours:batch500" else "-",
+                    f"{ratio:.2f}x Seg tuned" if ratio is not None else "-",
+                    ">= 2.00x, 100%, 0 dup" if judged else "-",
+                    verdict(ok) if judged else "info",
+                )
+            )
+    res = results.get("resume")
+    if res:
+        ok = res["lost"] == 0 and res["enqueued_twice"] == 0 and res["reruns_ok"] == res["runs"]
+        rows.append(
+            Row(
+                f"11. resume: {res['runs']} SIGKILLed jobs, lost / enqueued twice",
+                f"{res['lost']:,} / {res['enqueued_twice']:,} "
+                f"(checkpoint complete in {res['checkpoints_ok']}/{res['runs']})",
+                "-",
+                "-",
+                "0 / 0",
+                verdict(ok),
+            )
+        )
+        bound = res["max_batch_size"]
+        rows.append(
+            Row(
+                "11. resume: duplicate deliveries (by message id)",
+                f"{res['duplicate_deliveries']:,} in {res['kills_with_duplicates']} kills, "
+                f"max {res['max_duplicates_per_kill']} per kill",
+                "-",
+                "-",
+                f"<= {bound} per kill",
+                verdict(res["max_duplicates_per_kill"] <= bound),
+            )
+        )
+        phases = ", ".join(f"{k} {v}" for k, v in sorted(res["phases"].items()))
+        rows.append(
+            Row(
+                "11. resume: where the kills landed",
+                f"{phases} (seed {res['seed']}, {res['rows']:,} rows, kills at "
+                f"{res['kill_window_s'][0]:.2f}-{res['kill_window_s'][1]:.2f} s)",
+                "-",
+                "-",
+                "-",
+                "info",
+            )
+        )
     mw = results.get("middleware")
     if mw:
         for key, value in mw.items():
@@ -1230,12 +1810,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(FIGURES),
-        help="comma-separated figures: 1-8 and mw (middleware); default: all",
+        help="comma-separated figures: 1-11 and mw (middleware); default: all",
     )
     parser.add_argument(
         "--repeat",
         type=int,
-        help="runs per figure 1-3 and 8, the median kept (default: 3, --quick: 1)",
+        help="runs per figure 1-3, 8, 9 and 10, the median kept (default: 3, --quick: 1)",
     )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the queue files afterwards")
@@ -1303,7 +1883,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     library = f"{meta['commit']} (sources {meta['library_sources']})"
     print(f"library at {library}; sink: {meta['sink']}")
-    print(f"each run in a fresh process; figures 1-3 and 8: the median of {bench.repeat} run(s)")
+    print(f"each run in a fresh process; figures 1-3 and 8-10: the median of {bench.repeat} run(s)")
     timer = bench.results.get("timer")
     if timer:
         print(f"timing loop overhead (no-op call): {timer['mean_us'] * 1000:.0f} ns mean")

@@ -72,6 +72,62 @@ def test_quick_benchmark_of_ours_prints_every_figure(tmp_path: Path) -> None:
     assert results["restart"]["delivered"] == results["restart"]["backlog"] + 1
 
 
+BATCH_JOB_FIGURES = (
+    "9. bulk ingest, batch() of 1,000, events/s",
+    "9. bulk ingest, ours track_many()",
+    "9. bulk ingest, ours track() per event",
+    "9. profile per event, batch()",
+    "10. import to delivered, max_batch_size=500",
+    "10. import to delivered, max_batch_size=100",
+    "11. resume: ",
+    "11. resume: duplicate deliveries",
+)
+
+
+@pytest.mark.slow
+def test_quick_batch_job_figures_run_and_the_books_balance(tmp_path: Path) -> None:
+    """`bench.py --quick --only ours --figures 9,10,11` (issue 13's figures at tiny sizes)
+    prints each row, every imported event reaches the sink exactly once, and the SIGKILL
+    resume harness loses no row and enqueues none twice."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--only",
+            "ours",
+            "--figures",
+            "9,10,11",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in BATCH_JOB_FIGURES:
+        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
+    assert "worker failed" not in proc.stdout
+    assert "timed out" not in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    for mode in ("batch", "track_many", "track"):
+        bulk = results["bulk"][mode]
+        assert bulk["enqueued"] == bulk["events"] and bulk["dropped"] == 0, bulk
+    for key in ("ours:batch500", "ours:batch100", "ours:block_default_cap"):
+        run = results["import"][key]
+        assert run["delivered"] == run["events"] and run["duplicates"] == 0, (key, run)
+    resume = results["resume"]
+    assert resume["runs"] >= 1
+    assert resume["reruns_ok"] == resume["checkpoints_ok"] == resume["runs"], resume
+    assert resume["lost"] == 0 and resume["enqueued_twice"] == 0, resume
+    assert resume["max_duplicates_per_kill"] <= resume["max_batch_size"], resume
+
+
 def test_unknown_system_is_refused() -> None:
     """A typo in --only is an error naming it, not a silently empty benchmark."""
     proc = subprocess.run(
