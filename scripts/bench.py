@@ -6,6 +6,7 @@
     python scripts/bench.py --only ours      # skip the peers (also: --only ours,segment)
     python scripts/bench.py --figures 1,2,5  # a subset of the figures (see docs/performance.md)
     python scripts/bench.py --figures 9,10,11 --only ours,segment  # batch jobs (issue 13)
+    python scripts/bench.py --figures 12 --only ours,segment  # several processes (issue 12)
     python scripts/bench.py --json out.json  # also write every raw figure as JSON
 
 Every SDK ships to the same sink (``scripts/_sink.py``): a ThreadingHTTPServer with HTTP/1.1
@@ -19,6 +20,10 @@ Figures 9-11 are batch jobs (issue 13): a 200,000-event historical import throug
 against Segment's ``track()``, the same import to the last event acknowledged by the sink, and
 50 import jobs each SIGKILLed at a seeded random moment and re-run from their checkpoint with
 sending on (lost rows, rows enqueued twice, duplicate deliveries by message id).
+
+Figure 12 is several processes of one app (issue 12): N worker processes started together, each
+with its own client (ours: one shared ``persistence_dir``), flat out and paced, ours against
+Segment with the same N; per-call times merged from every process, books checked at the sink.
 
 The peers are benchmark-only extras (``pip install -e '.[bench]'``); a missing one is skipped
 with a note. psutil is used for RSS when installed, else ``/proc/self/statm``.
@@ -2209,7 +2214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(FIGURES),
-        help="comma-separated figures: 1-11 and mw (middleware); default: all",
+        help="comma-separated figures: 1-12 and mw (middleware); default: all",
     )
     parser.add_argument(
         "--repeat",
