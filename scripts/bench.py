@@ -6,6 +6,7 @@
     python scripts/bench.py --only ours      # skip the peers (also: --only ours,segment)
     python scripts/bench.py --figures 1,2,5  # a subset of the figures (see docs/performance.md)
     python scripts/bench.py --figures 9,10,11 --only ours,segment  # batch jobs (issue 13)
+    python scripts/bench.py --figures 12 --only ours,segment  # several processes (issue 12)
     python scripts/bench.py --json out.json  # also write every raw figure as JSON
 
 Every SDK ships to the same sink (``scripts/_sink.py``): a ThreadingHTTPServer with HTTP/1.1
@@ -19,6 +20,10 @@ Figures 9-11 are batch jobs (issue 13): a 200,000-event historical import throug
 against Segment's ``track()``, the same import to the last event acknowledged by the sink, and
 50 import jobs each SIGKILLed at a seeded random moment and re-run from their checkpoint with
 sending on (lost rows, rows enqueued twice, duplicate deliveries by message id).
+
+Figure 12 is several processes of one app (issue 12): N worker processes started together, each
+with its own client (ours: one shared ``persistence_dir``), flat out and paced, ours against
+Segment with the same N; per-call times merged from every process, books checked at the sink.
 
 The peers are benchmark-only extras (``pip install -e '.[bench]'``); a missing one is skipped
 with a note. psutil is used for RSS when installed, else ``/proc/self/statm``.
@@ -34,6 +39,7 @@ import hashlib
 import http.client
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -62,7 +68,7 @@ from _sink import SinkProcess, free_port  # noqa: E402
 SYSTEMS = ("ours", "segment", "posthog")
 LABELS = {"ours": "ours", "segment": "Segment", "posthog": "PostHog"}
 PEER_MODULES = {"segment": "segment.analytics", "posthog": "posthog"}
-FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "mw")
+FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "mw")
 EVENT = "page_view"
 APP_ID = "bench"
 MIB = 1024 * 1024
@@ -80,6 +86,10 @@ TARGETS = {
     "drain_eps": 100_000.0,
     "bulk_ratio": 4.0,
     "import_ratio": 2.0,
+    # Figure 12 (issue 12): several processes sharing one app directory.
+    "mp_paced_ratio": 2.0,
+    "mp_schedule_ratio": 0.99,
+    "mp_flat_ratio": 1.0,
 }
 
 
@@ -99,6 +109,12 @@ class Scale:
     resume_runs: int
     resume_rows: int
     resume_block: int
+    #: Figure 12: worker process counts flat out, calls per process flat out, the paced loads
+    #: as (processes, events/s each), and how long a paced run lasts.
+    mp_procs: tuple[int, ...]
+    mp_calls: int
+    mp_paced: tuple[tuple[int, int], ...]
+    mp_seconds: float
 
 
 FULL = Scale(
@@ -114,6 +130,10 @@ FULL = Scale(
     resume_runs=50,
     resume_rows=20_000,
     resume_block=1_000,
+    mp_procs=(1, 2, 4, 8),
+    mp_calls=10_000,
+    mp_paced=((4, 1_000), (8, 2_000)),
+    mp_seconds=5.0,
 )
 QUICK = Scale(
     latency_calls=5_000,
@@ -128,6 +148,10 @@ QUICK = Scale(
     resume_runs=3,
     resume_rows=2_000,
     resume_block=200,
+    mp_procs=(1, 2),
+    mp_calls=300,
+    mp_paced=((2, 200),),
+    mp_seconds=0.5,
 )
 
 # --- the systems under test ----------------------------------------------------------------
@@ -1001,6 +1025,100 @@ def w_resume(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- several processes sharing one app (figure 12, issue 12) -------------------------------
+
+
+def w_mp_proc(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 12's worker: one of N processes of one app, each with its own client (ours: the
+    same ``persistence_dir`` as the others).
+
+    It builds its client, warms it up (``warmup`` calls, flushed, so that the sink holds
+    nothing of them when the orchestrator resets it), prints ``ready`` and blocks on stdin
+    until the orchestrator, once every process is ready, sends the common start moment
+    (``time.monotonic_ns()``: system-wide on Linux). Then, from that moment: "flat" makes
+    ``calls`` calls back to back; "paced" schedules call i at start + i / ``rate`` s for
+    ``seconds`` s, makes a call late (not skipped) when behind, and stops at the end of the
+    window: calls not made by then were not tracked on schedule. Every call's time (and in
+    "paced" its lateness: start of the call minus its slot) goes to ``samples_path`` as
+    native int64 nanoseconds, for the orchestrator to merge. Then it flushes and closes.
+    """
+    from array import array
+
+    subject = make_subject(p["system"], p["sink"], Path(p["dir"]), "default", p.get("extra"))
+    call, accepted = subject.call, subject.accepted
+    index = p["index"]
+    for i in range(p["warmup"]):
+        call(USERS[(index + i) % 100], props(i))
+    subject.flush(120.0)
+    gc.collect()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise RuntimeError("the orchestrator went away before the start")
+    start = int(line)
+    mono = time.monotonic_ns
+    times = array("q")
+    lateness = array("q")
+    refused = 0
+    while mono() < start:
+        time.sleep(max(0.0, (start - mono()) / 1e9))
+    if p["mode"] == "flat":
+        n = p["calls"]
+        for i in range(n):
+            uid, event_props = USERS[(index + i) % 100], props(i)
+            t0 = mono()
+            result = call(uid, event_props)
+            t1 = mono()
+            times.append(t1 - t0)
+            if not accepted(result):
+                refused += 1
+        scheduled = n
+    else:
+        interval = 1e9 / p["rate"]
+        scheduled = int(p["rate"] * p["seconds"])
+        end = start + int(p["seconds"] * 1e9)
+        sleep = time.sleep
+        for i in range(scheduled):
+            due = start + int(i * interval)
+            now = mono()
+            if now >= end:
+                break
+            if due > now:
+                sleep((due - now) / 1e9)
+            uid, event_props = USERS[(index + i) % 100], props(i)
+            t0 = mono()
+            result = call(uid, event_props)
+            t1 = mono()
+            times.append(t1 - t0)
+            lateness.append(max(0, t0 - due))
+            if not accepted(result):
+                refused += 1
+    finished = mono()
+    dropped = subject.dropped(refused)
+    with open(p["samples_path"], "wb") as out:
+        times.tofile(out)
+    if lateness:
+        with open(p["samples_path"] + ".late", "wb") as out:
+            lateness.tofile(out)
+    flushed = True
+    if isinstance(subject, Ours):
+        flushed = subject.client.flush(300.0)
+    else:
+        subject.flush(300.0)
+    subject.close()
+    return {
+        "index": index,
+        "scheduled": scheduled,
+        "tracked": len(times),
+        "refused": refused,
+        "dropped": dropped,
+        "start_ns": start,
+        "finished_ns": finished,
+        "flushed": flushed,
+    }
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "latency": w_latency,
     "timer": w_timer,
@@ -1014,6 +1132,7 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "import": w_import,
     "resume_job": w_resume_job,
     "resume": w_resume,
+    "mp_proc": w_mp_proc,
 }
 
 
@@ -1294,6 +1413,149 @@ class Bench:
             seed=13,
         )
 
+    def mp_run(self, system: str, procs: int, mode: str, **params: Any) -> dict[str, Any] | None:
+        """Figure 12: one run of ``procs`` worker processes of one app, started together.
+
+        Each process is this script with ``--worker`` (``w_mp_proc``), spawned with the same
+        Python; for ours all share one ``persistence_dir``. Once every one has printed
+        ``ready``, the sink is reset and each is sent the same start moment, 0.2 s ahead, on
+        its stdin. Their per-call times are merged from the files they wrote; delivered and
+        duplicates are the sink's distinct and repeated ids, once every process has flushed
+        and exited.
+        """
+        self._results_seq += 1
+        seq = self._results_seq
+        directory = self.fresh_dir(f"mp-{system}-{procs}-{mode}")
+        total = procs * params.get("calls", 0) + procs * int(
+            params.get("rate", 0) * params.get("seconds", 0)
+        )
+        if system == "ours":
+            # Flat out is overload by design: room for every event, as Segment gets, so that
+            # the figure is about throughput and not the cap. Paced: the default cap.
+            extra = {"max_queue_size": 2 * total + 10_000} if mode == "flat" else None
+        else:
+            extra = {"max_queue_size": max(100_000, 2 * total)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        specs = []
+        for index in range(procs):
+            stem = self.workdir / f"mp-{seq}-{system}-{index}"
+            specs.append(
+                {
+                    "kind": "mp_proc",
+                    "sink": self.sink,
+                    "result_path": f"{stem}.json",
+                    "samples_path": f"{stem}.ns",
+                    "dir": str(directory),
+                    "system": system,
+                    "index": index,
+                    "mode": mode,
+                    "warmup": 100,
+                    "extra": extra,
+                    **params,
+                }
+            )
+        script = str(Path(__file__).resolve())
+        workers = [
+            subprocess.Popen(
+                [sys.executable, script, "--worker", json.dumps(spec)],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for spec in specs
+        ]
+        label = f"12. {system} {procs} x {mode}"
+        try:
+            for proc in workers:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":
+                    self.notes.append(f"{label}: a worker failed before the start")
+                    return None
+            sink = SinkClient(self.sink)
+            sink.reset()
+            start = time.monotonic_ns() + 200_000_000
+            for proc in workers:
+                assert proc.stdin is not None
+                proc.stdin.write(f"{start}\n")
+                proc.stdin.close()
+            for proc in workers:
+                # Nothing more comes on stdout after "ready": waiting cannot fill the pipe.
+                proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            self.notes.append(f"{label}: timed out")
+            return None
+        finally:
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        parts = []
+        for proc, spec in zip(workers, specs, strict=True):
+            if proc.returncode != 0 or not Path(spec["result_path"]).exists():
+                self.notes.append(f"{label}: worker failed (exit {proc.returncode})")
+                return None
+            parts.append(json.loads(Path(spec["result_path"]).read_text()))
+        from array import array
+
+        times = array("q")
+        lateness = array("q")
+        for spec in specs:
+            times.frombytes(Path(spec["samples_path"]).read_bytes())
+            late = Path(spec["samples_path"] + ".late")
+            if late.exists():
+                lateness.frombytes(late.read_bytes())
+        tracked = sum(part["tracked"] for part in parts)
+        scheduled = sum(part["scheduled"] for part in parts)
+        dropped = sum(part["dropped"] for part in parts)
+        stats = SinkClient(self.sink).wait(tracked - dropped, timeout=120.0, settle=1.0)
+        wall = (max(part["finished_ns"] for part in parts) - start) / 1e9
+        if mode == "paced":
+            wall = max(wall, params["seconds"])
+        result: dict[str, Any] = {
+            "system": system,
+            "procs": procs,
+            "mode": mode,
+            **params,
+            "options": extra,
+            "scheduled": scheduled,
+            "tracked": tracked,
+            "on_schedule_pct": 100.0 * tracked / scheduled if scheduled else 0.0,
+            "seconds": wall,
+            "events_per_s": tracked / wall if wall > 0 else 0.0,
+            "refused": sum(part["refused"] for part in parts),
+            "dropped": dropped,
+            "delivered": stats["unique"],
+            "duplicates": stats["events"] - stats["unique"],
+            "unaccounted": tracked - stats["unique"] - dropped,
+            "all_flushed": all(part["flushed"] for part in parts),
+            "per_process_tracked": [part["tracked"] for part in parts],
+            "track": summarise(list(times)) if times else None,
+            "lateness": summarise(list(lateness)) if lateness else None,
+        }
+        shutil.rmtree(directory, ignore_errors=True)
+        return result
+
+    def multiproc(self) -> None:
+        """Figure 12 (issue 12): N processes of one app, flat out and paced, ours then
+        Segment back to back at each load."""
+        out: dict[str, Any] = {}
+        systems = [s for s in ("ours", "segment") if s in self.systems]
+        calls = self.scale.mp_calls
+        for procs in self.scale.mp_procs:
+            for system in systems:
+                self.log(f"12. flat out: {LABELS[system]}, {procs} process(es) x {calls:,} calls")
+                out[f"flat:{procs}:{system}"] = self.mp_run(system, procs, "flat", calls=calls)
+        seconds = self.scale.mp_seconds
+        for procs, rate in self.scale.mp_paced:
+            for system in systems:
+                self.log(f"12. paced: {LABELS[system]}, {procs} x {rate:,}/s for {seconds} s")
+                out[f"paced:{procs}x{rate}:{system}"] = self.mp_run(
+                    system, procs, "paced", rate=rate, seconds=seconds
+                )
+        self.results["multiproc"] = out
+
     def middleware(self) -> None:
         if not (SCRIPTS / "bench_middleware.py").exists():
             self.notes.append("middleware overhead skipped: scripts/bench_middleware.py not found")
@@ -1319,6 +1581,8 @@ class Bench:
             self.import_delivered()
         if self.want("11"):
             self.resume()
+        if self.want("12"):
+            self.multiproc()
         if self.want("mw"):
             self.middleware()
 
@@ -1733,6 +1997,9 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 "info",
             )
         )
+    mp = results.get("multiproc") or {}
+    if mp:
+        rows.extend(multiproc_rows(mp))
     mw = results.get("middleware")
     if mw:
         for key, value in mw.items():
@@ -1743,6 +2010,143 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
             else:
                 shown = fmt(value, " µs" if key.endswith("_us") else "", digits=2)
             rows.append(Row(f"mw. {key}", shown, "-", "-", "-", "info"))
+    return rows
+
+
+def _mp_latency(data: dict[str, Any] | None) -> str:
+    track = _get(data, "track")
+    if not track:
+        return "-"
+    return (
+        f"{track['mean_us']:.1f} / {track['median_us']:.1f} / {track['p99_us']:.1f} / "
+        f"{track['p999_us']:.0f} / {track['max_us']:,.0f} µs"
+    )
+
+
+def _mp_books(data: dict[str, Any]) -> str:
+    return (
+        f"{data['tracked']:,} tracked, {data['delivered']:,} delivered, "
+        f"{data['dropped']:,} dropped, {data['duplicates']:,} dup"
+    )
+
+
+def multiproc_rows(mp: dict[str, Any]) -> list[Row]:
+    """Figure 12's rows: flat out per process count, then each paced load."""
+    rows: list[Row] = []
+    flat = sorted(
+        {int(key.split(":")[1]) for key in mp if key.startswith("flat:")},
+    )
+    ours_rates: list[float] = []
+    for procs in flat:
+        ours, seg = mp.get(f"flat:{procs}:ours"), mp.get(f"flat:{procs}:segment")
+        ratio = ours["events_per_s"] / seg["events_per_s"] if ours and seg else None
+        judged = procs == 4
+        if ours:
+            ours_rates.append(ours["events_per_s"])
+        rows.append(
+            Row(
+                f"12. flat out, {procs} proc aggregate events/s",
+                fmt(_get(ours, "events_per_s"), "/s"),
+                f"Segment {fmt(seg['events_per_s'], '/s')}" if seg else "-",
+                f"{ratio:.2f}x Seg" if ratio is not None else "-",
+                ">= 1.00x Seg" if judged else "-",
+                verdict(None if not judged or ratio is None else ratio >= TARGETS["mp_flat_ratio"]),
+            )
+        )
+        rows.append(
+            Row(
+                f"12. flat out, {procs} proc track() mean/p50/p99/p99.9/max",
+                _mp_latency(ours),
+                f"Segment {_mp_latency(seg)}",
+                "-",
+                "-",
+                "info",
+            )
+        )
+        for data, who in ((ours, "ours"), (seg, "Segment")):
+            if data is not None:
+                rows.append(
+                    Row(
+                        f"12. flat out, {procs} proc books ({who})",
+                        _mp_books(data),
+                        "-",
+                        "-",
+                        "all delivered",
+                        verdict(data["unaccounted"] == 0 and data["delivered"] == data["tracked"]),
+                    )
+                )
+    if len(ours_rates) > 1:
+        monotone = all(b >= a for a, b in itertools.pairwise(ours_rates))
+        rows.append(
+            Row(
+                "12. flat out: adding processes never lowers ours",
+                " -> ".join(fmt(rate, "/s") for rate in ours_rates),
+                "-",
+                "-",
+                "non-decreasing",
+                verdict(monotone),
+            )
+        )
+    paced = []
+    for key in mp:
+        if key.startswith("paced:") and key.endswith(":ours"):
+            paced.append(key.split(":")[1])
+    for load in paced:
+        ours, seg = mp.get(f"paced:{load}:ours"), mp.get(f"paced:{load}:segment")
+        procs, rate = load.split("x")
+        name = f"12. paced {procs} x {int(rate):,}/s"
+        ok_lat: bool | None = None
+        ratio_text = "-"
+        if ours and seg and ours["track"] and seg["track"]:
+            r99 = ours["track"]["p99_us"] / seg["track"]["p99_us"]
+            r999 = ours["track"]["p999_us"] / seg["track"]["p999_us"]
+            ratio_text = f"p99 {r99:.2f}x, p99.9 {r999:.2f}x Seg"
+            ok_lat = r99 <= TARGETS["mp_paced_ratio"] and r999 <= TARGETS["mp_paced_ratio"]
+        rows.append(
+            Row(
+                f"{name} track() mean/p50/p99/p99.9/max",
+                _mp_latency(ours),
+                f"Segment {_mp_latency(seg)}",
+                ratio_text,
+                "p99, p99.9 <= 2.00x Seg",
+                verdict(ok_lat),
+            )
+        )
+        if ours is None:
+            continue
+        sched_ratio = ours["tracked"] / seg["tracked"] if seg and seg["tracked"] else None
+        late = ours.get("lateness") or {}
+        seg_late = _get(seg, "lateness") or {}
+        rows.append(
+            Row(
+                f"{name} tracked on schedule (lateness p99/max)",
+                f"{ours['tracked']:,} of {ours['scheduled']:,} "
+                f"({late.get('p99_us', 0) / 1000:.1f} / {late.get('max_us', 0) / 1000:.0f} ms)",
+                f"Segment {seg['tracked']:,} ({seg_late.get('p99_us', 0) / 1000:.1f} / "
+                f"{seg_late.get('max_us', 0) / 1000:.0f} ms)"
+                if seg
+                else "-",
+                f"{sched_ratio:.3f}x Seg" if sched_ratio is not None else "-",
+                ">= 0.99x Seg",
+                verdict(
+                    None if sched_ratio is None else sched_ratio >= TARGETS["mp_schedule_ratio"]
+                ),
+            )
+        )
+        for data, who, judged in ((ours, "ours", True), (seg, "Segment", False)):
+            if data is None:
+                continue
+            complete = data["delivered"] == data["tracked"] and data["dropped"] == 0
+            rows.append(
+                Row(
+                    f"{name} books ({who})",
+                    _mp_books(data),
+                    "-",
+                    f"{100.0 * data['delivered'] / max(data['tracked'], 1):.1f}% delivered",
+                    "100% delivered, 0 dropped" if judged else "-",
+                    verdict(complete) if judged else "info",
+                )
+            )
     return rows
 
 
@@ -1810,7 +2214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(FIGURES),
-        help="comma-separated figures: 1-11 and mw (middleware); default: all",
+        help="comma-separated figures: 1-12 and mw (middleware); default: all",
     )
     parser.add_argument(
         "--repeat",

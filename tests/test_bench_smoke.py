@@ -139,3 +139,52 @@ def test_unknown_system_is_refused() -> None:
     )
     assert proc.returncode == 2
     assert "segmnet" in proc.stderr
+
+
+@pytest.mark.slow
+def test_quick_multiprocess_figure_runs_and_the_books_balance(tmp_path: Path) -> None:
+    """`bench.py --quick --figures 12` (issue 12's multi-process figure at tiny sizes) runs
+    its worker processes flat out and paced, prints each row, and for every run every event
+    tracked is delivered or counted as dropped: tracked = delivered + dropped, none lost."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+    proc = subprocess.run(
+        # Segment too when installed (a bench extra); skipped with a note otherwise.
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--only",
+            "ours,segment",
+            "--figures",
+            "12",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in (
+        "12. flat out, 1 proc aggregate events/s",
+        "12. flat out, 2 proc aggregate events/s",
+        "12. paced 2 x 200/s track() mean/p50/p99/p99.9/max",
+        "12. paced 2 x 200/s tracked on schedule",
+    ):
+        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
+    assert "worker failed" not in proc.stdout
+    assert "timed out" not in proc.stdout
+    runs = json.loads(out.read_text())["results"]["multiproc"]
+    assert {"flat:1:ours", "flat:2:ours", "paced:2x200:ours"} <= set(runs)
+    for key, run in runs.items():
+        assert run is not None, key
+        assert run["tracked"] == sum(run["per_process_tracked"]) > 0, (key, run)
+        assert run["tracked"] == run["delivered"] + run["dropped"], (key, run)
+        assert run["unaccounted"] == 0 and run["duplicates"] == 0, (key, run)
+        assert run["track"]["calls"] == run["tracked"], (key, run)
+    for key in ("flat:1:ours", "flat:2:ours"):
+        assert runs[key]["tracked"] == runs[key]["procs"] * runs[key]["calls"], runs[key]
+        assert runs[key]["dropped"] == 0, runs[key]
