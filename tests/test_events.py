@@ -611,7 +611,7 @@ class _Text(str):
     [
         {"plan": "pro", "seats": 5, "trial": False, "price": 9.99, "ref": None},
         {"cart": {"items": [{"sku": "a1", "qty": 2}, ("b2", 1)], "total": -0.0}},
-        {"big": 2**80, "tiny": 5e-324, "text": "héllo ✓ \n\"quoted\""},
+        {"big": 2**80, "tiny": 5e-324, "text": 'héllo ✓ \n"quoted"'},
         {"deep": _nest(30, lambda v: {"d": v})},  # 31 containers: the deepest allowed
         {"deep": _nest(30, lambda v: [v])},
         # Not plain: the walk takes these (subclasses, conversions, int keys), same text.
