@@ -8,6 +8,8 @@ import decimal
 import enum
 import json
 import sqlite3
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from queue_contents import queued
 from durable_analytics import Analytics, ValidationError
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError, DurableAnalyticsError, EventTooLargeError
-from durable_analytics.events import EventBuilder, format_timestamp
+from durable_analytics.events import EncodedEvent, EventBuilder, format_timestamp
 
 
 @pytest.fixture
@@ -573,3 +575,190 @@ def test_json_default_must_be_callable() -> None:
     """A json_default that is not a function is a ConfigurationError naming it."""
     with pytest.raises(ConfigurationError, match="json_default"):
         _builder("str")
+
+
+# --- the fast paths of EventBuilder.build: the same events as the general ones ----------------
+
+
+def _encoded(builder: EventBuilder, properties: Any, **options: Any) -> EncodedEvent:
+    return builder.build(
+        kind="track",
+        event="e",
+        distinct_id="u",
+        properties=properties,
+        consent={"analytics": None, "advertising": None},
+        **options,
+    )
+
+
+def _nest(levels: int, make: Any) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = make(value)
+    return value
+
+
+class _Plan(enum.IntEnum):
+    PRO = 2
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"plan": "pro", "seats": 5, "trial": False, "price": 9.99, "ref": None},
+        {"cart": {"items": [{"sku": "a1", "qty": 2}, ("b2", 1)], "total": -0.0}},
+        {"big": 2**80, "tiny": 5e-324, "text": 'héllo ✓ \n"quoted"'},
+        {"deep": _nest(30, lambda v: {"d": v})},  # 31 containers: the deepest allowed
+        {"deep": _nest(30, lambda v: [v])},
+        # Not plain: the walk takes these (subclasses, conversions, int keys), same text.
+        {"plan": _Plan.PRO, "name": _Text("x"), "nested": {"plan": _Plan.PRO}},
+        {"at": dt.date(2024, 5, 6), "by_code": {404: "missing"}, "tags": {"b", "a"}},
+    ],
+)
+def test_properties_are_encoded_as_json_dumps_would(properties: dict[str, Any]) -> None:
+    """Plain properties skip the walk and go to a prebuilt C encoder: the text is still what
+    json.dumps gives (the walk's conversions aside), whether the walk ran or not."""
+    payload = _encoded(_builder(), properties).payload
+    start = payload.index(',"properties":') + len(',"properties":')
+    end = payload.index(',"type":')
+    expected = json.dumps(
+        properties,
+        default=lambda v: sorted(v) if isinstance(v, set) else v.isoformat(),
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert payload[start:end] == expected
+
+
+@pytest.mark.parametrize(
+    ("properties", "field", "message"),
+    [
+        ({"deep": _nest(31, lambda v: {"d": v})}, "properties.deep" + ".d" * 30, "deeper"),
+        ({"deep": _nest(31, lambda v: [v])}, "properties.deep" + "[0]" * 30, "deeper"),
+        ({"a": {"b": [1, 2.5, float("-inf")]}}, "properties.a.b[2]", "finite"),
+        ({"a": {"b": [{"c": float("nan")}]}}, "properties.a.b[0].c", "finite"),
+        ({"a": [{1: "x", "1": "y"}]}, "properties.a[0][1]", "unique"),
+        ({"a": {"b": [b"bytes"]}}, "properties.a.b[0]", "bytes"),
+    ],
+)
+def test_values_the_fast_path_rejects_are_named_by_the_walk(
+    properties: dict[str, Any], field: str, message: str
+) -> None:
+    """Nesting past the limit, NaN/Infinity, colliding keys and foreign types deep inside
+    otherwise plain properties still fail with the walk's error naming the exact field."""
+    with pytest.raises(ValidationError) as info:
+        _encoded(_builder(), properties)
+    assert info.value.field == field
+    assert message in str(info.value)
+
+
+def test_a_cycle_through_a_list_is_named_not_a_recursion_error() -> None:
+    """A list holding itself inside plain properties is refused as a cycle (the fast path
+    gives up at the depth limit and the walk names it)."""
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(ValidationError, match="cycle") as info:
+        _encoded(_builder(), {"a": {"loop": loop}})
+    assert info.value.field == "properties.a.loop[1]"
+
+
+def test_built_event_is_an_ordinary_encoded_event() -> None:
+    """What build returns equals EncodedEvent(...) of its fields, is frozen, and works with
+    dataclasses.replace (build sets the slots directly to save time)."""
+    encoded = _encoded(_builder(), {"a": 1})
+    fields = {f.name: getattr(encoded, f.name) for f in dataclasses.fields(EncodedEvent)}
+    assert encoded == EncodedEvent(**fields)
+    assert hash(encoded) == hash(EncodedEvent(**fields))
+    assert repr(encoded) == repr(EncodedEvent(**fields))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        encoded.payload = "{}"  # type: ignore[misc]
+    assert dataclasses.replace(encoded, event="other").event == "other"
+
+
+def test_message_ids_are_unique_canonical_version_4_uuids() -> None:
+    """Default message ids (drawn 256 at a time) are canonical lowercase UUID4 text, with the
+    version and RFC 4122 variant bits set, and never repeat across refills."""
+    builder = _builder()
+    ids = [_encoded(builder, None).message_id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for mid in ids:
+        parsed = uuid.UUID(mid)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == mid
+
+
+_FORKED_IDS = """
+import json, os, sys
+from durable_analytics.events import EventBuilder
+builder = EventBuilder(app_id="a", session_id="s", environment="e", platform="p",
+                       library_version="0", max_event_bytes=32768)
+def ids(n):
+    consent = {"analytics": None, "advertising": None}
+    return [builder.build(kind="track", event="e", distinct_id="u", properties=None,
+                          consent=consent).message_id for _ in range(n)]
+before = ids(1)  # the parent now holds unused ids drawn with this one
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, json.dumps(ids(300)).encode())
+    os._exit(0)
+os.close(write)
+with os.fdopen(read) as pipe:
+    child = json.loads(pipe.read())
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"status": status, "parent": before + ids(300), "child": child}))
+"""
+
+
+def test_a_forked_child_never_reuses_the_parents_message_ids() -> None:
+    """After fork, parent and child draw fresh randomness: none of the child's default
+    message ids is one the parent hands out (they would be dropped as duplicates)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_IDS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == 0
+    assert len(result["child"]) == 300 and len(result["parent"]) == 301
+    assert not set(result["child"]) & set(result["parent"])
+
+
+_PLUS_0530 = dt.timezone(dt.timedelta(hours=5, minutes=30))
+_MINUS_0100 = dt.timezone(-dt.timedelta(hours=1))
+
+
+@pytest.mark.parametrize(
+    "moments",
+    [
+        # The same day twice, the next day, then back: the cached date must follow.
+        [
+            dt.datetime(2024, 5, 1, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),
+            dt.datetime(2024, 5, 1, 0, 0, 0, 1000, tzinfo=dt.timezone.utc),
+            dt.datetime(2024, 5, 2, 0, 0, 0, 999, tzinfo=dt.timezone.utc),
+            dt.datetime(2024, 5, 1, 12, 30, 15, 123456),
+        ],
+        # Zones that move the date, naive and aware in turn, early and late years.
+        [
+            dt.datetime(2024, 5, 2, 3, 0, tzinfo=_PLUS_0530),
+            dt.datetime(2024, 5, 2, 3, 0),
+            dt.datetime(5, 1, 1, 1, 0, tzinfo=_PLUS_0530),
+            dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),
+            dt.datetime(2024, 2, 29, 23, 59, 59, 500000, tzinfo=_MINUS_0100),
+        ],
+    ],
+)
+def test_datetime_timestamps_match_a_utc_conversion(moments: list[dt.datetime]) -> None:
+    """format_timestamp (UTC fast path, date cached per day, table digits) writes what
+    converting to UTC and formatting each field gives, in any order of days."""
+    for moment in moments:
+        utc = moment if moment.tzinfo is None else moment.astimezone(dt.timezone.utc)
+        expected = (
+            f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+            f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+        )
+        assert format_timestamp(moment) == expected
+        assert _encoded(_builder(), None, timestamp=moment).created_at == expected
