@@ -33,35 +33,33 @@ EXPECTED_FIGURES = (
 )
 
 
+def run_quick(
+    out: Path, only: str, figures: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``bench.py --quick`` for ``figures``, results in ``out``; without our env variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+    return subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", only, "--figures", figures,
+         "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def assert_ran(proc: subprocess.CompletedProcess[str], figures: tuple[str, ...]) -> None:
+    """The run exited 0, printed a row for each figure, and no worker failed or timed out."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for figure in figures:
+        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
+    assert "worker failed" not in proc.stdout
+    assert "timed out" not in proc.stdout
+
+
 @pytest.mark.slow
 def test_quick_benchmark_of_ours_prints_every_figure(tmp_path: Path) -> None:
     """`bench.py --quick --only ours` exits 0, prints a row per figure and writes its JSON."""
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
-    proc = subprocess.run(
-        # Figures 1-8 only: the middleware figure belongs to scripts/bench_middleware.py.
-        [
-            sys.executable,
-            str(BENCH),
-            "--quick",
-            "--only",
-            "ours",
-            "--figures",
-            "1,2,3,4,5,6,7,8",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for figure in EXPECTED_FIGURES:
-        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
-    assert "worker failed" not in proc.stdout
-    assert "timed out" not in proc.stdout
+    proc = run_quick(out, "ours", "1,2,3,4,5,6,7,8", timeout=120)
+    assert_ran(proc, EXPECTED_FIGURES)
     data = json.loads(out.read_text())
     assert data["meta"]["mode"] == "quick"
     results = data["results"]
@@ -90,30 +88,8 @@ def test_quick_batch_job_figures_run_and_the_books_balance(tmp_path: Path) -> No
     prints each row, every imported event reaches the sink exactly once, and the SIGKILL
     resume harness loses no row and enqueues none twice."""
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--quick",
-            "--only",
-            "ours",
-            "--figures",
-            "9,10,11",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for figure in BATCH_JOB_FIGURES:
-        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
-    assert "worker failed" not in proc.stdout
-    assert "timed out" not in proc.stdout
+    proc = run_quick(out, "ours", "9,10,11", timeout=180)
+    assert_ran(proc, BATCH_JOB_FIGURES)
     results = json.loads(out.read_text())["results"]
     for mode in ("batch", "track_many", "track"):
         bulk = results["bulk"][mode]
@@ -147,36 +123,17 @@ def test_quick_multiprocess_figure_runs_and_the_books_balance(tmp_path: Path) ->
     its worker processes flat out and paced, prints each row, and for every run every event
     tracked is delivered or counted as dropped: tracked = delivered + dropped, none lost."""
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
-    proc = subprocess.run(
-        # Segment too when installed (a bench extra); skipped with a note otherwise.
-        [
-            sys.executable,
-            str(BENCH),
-            "--quick",
-            "--only",
-            "ours,segment",
-            "--figures",
-            "12",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    # Segment too when installed (a bench extra); skipped with a note otherwise.
+    proc = run_quick(out, "ours,segment", "12", timeout=180)
+    assert_ran(
+        proc,
+        (
+            "12. flat out, 1 proc aggregate events/s",
+            "12. flat out, 2 proc aggregate events/s",
+            "12. paced 2 x 200/s track() mean/p50/p99/p99.9/max",
+            "12. paced 2 x 200/s tracked on schedule",
+        ),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for figure in (
-        "12. flat out, 1 proc aggregate events/s",
-        "12. flat out, 2 proc aggregate events/s",
-        "12. paced 2 x 200/s track() mean/p50/p99/p99.9/max",
-        "12. paced 2 x 200/s tracked on schedule",
-    ):
-        assert figure in proc.stdout, f"{figure!r} missing from:\n{proc.stdout}"
-    assert "worker failed" not in proc.stdout
-    assert "timed out" not in proc.stdout
     runs = json.loads(out.read_text())["results"]["multiproc"]
     assert {"flat:1:ours", "flat:2:ours", "paced:2x200:ours"} <= set(runs)
     for key, run in runs.items():
