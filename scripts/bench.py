@@ -475,11 +475,19 @@ def w_e2e(p: dict[str, Any]) -> dict[str, Any]:
     flushed = time.monotonic()
     dropped = subject.dropped(refused)
     stats = sink.wait(n - dropped, timeout=120.0)
-    # Exact: the sink stamps each batch with the system-wide monotonic clock.
+    subject.close()
+    return _delivery_books(stats, n, dropped, start, produced, flushed)
+
+
+def _delivery_books(
+    stats: dict[str, Any], n: int, dropped: int, start: float, produced: float, flushed: float
+) -> dict[str, Any]:
+    """Figures 2 and 10: delivered, duplicates, dropped and the wall time from the first call
+    to the last event at the sink (exact: the sink stamps each batch with the system-wide
+    monotonic clock; flush's return when some never arrived)."""
     end = stats["last_at"] or flushed
     if stats["unique"] < n - dropped:
         end = max(end, flushed)
-    subject.close()
     wall = end - start
     return {
         "events": n,
@@ -837,23 +845,8 @@ def w_import(p: dict[str, Any]) -> dict[str, Any]:
         dropped = sum(client.stats()["dropped"].values())
         close = lambda: client.shutdown(30.0)  # noqa: E731
     stats = sink.wait(n - dropped, timeout=120.0)
-    end = stats["last_at"] or flushed
-    if stats["unique"] < n - dropped:
-        end = max(end, flushed)
     close()
-    wall = end - start
-    return {
-        "events": n,
-        "delivered": stats["unique"],
-        "duplicates": stats["events"] - stats["unique"],
-        "dropped": dropped,
-        "delivered_pct": 100.0 * stats["unique"] / n,
-        "wall_s": wall,
-        "events_per_s": stats["unique"] / wall if wall > 0 else 0.0,
-        "produce_s": produced - start,
-        "flush_returned_s": flushed - start,
-        "requests": stats["requests"],
-    }
+    return _delivery_books(stats, n, dropped, start, produced, flushed)
 
 
 def w_resume_job(p: dict[str, Any]) -> dict[str, Any]:
