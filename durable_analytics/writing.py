@@ -185,7 +185,8 @@ class Writer:
         """`SQLiteQueue.append_many` under the ``on_queue_full`` policy.
 
         "raise" refuses what doesn't fit; "block" waits up to ``block_timeout`` for the
-        flusher to make room (woken at once), then drops the oldest like "drop_oldest".
+        flusher to make room (woken, within its retry backoff), then drops the oldest like
+        "drop_oldest".
 
         :raises QueueFullError: "raise", and the events don't fit.
         :raises StorageError: the queue refused the transaction.
