@@ -72,6 +72,8 @@ _COMPACT_IDLE = 1.0
 # _WAL_LIMIT_BYTES), so the next checkpoint is due only once it grows past that size again:
 # judging by the size alone checkpointed after every batch, each checkpoint a writer stall.
 _WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+# Longest pause between two blocking checkpoints while a reader keeps them from completing.
+_RESTART_BACKOFF_MAX = 30.0
 _WAL_LIMIT_BYTES = 8 * 1024 * 1024
 # How often flush() re-checks the queue when another process is the one shipping from it.
 _POLL = 0.05
@@ -170,6 +172,9 @@ class Flusher:
         self._unacked: list[QueuedEvent] = []
         # The WAL size that makes the next checkpoint due (see _WAL_CHECKPOINT_BYTES).
         self._wal_mark = _WAL_CHECKPOINT_BYTES
+        # No blocking (RESTART) checkpoint before this monotonic time (see _checkpoint).
+        self._restart_after = 0.0
+        self._restart_backoff = 0.0
         # Set by `finish_by` (shutdown): no request starts that would outlive this moment.
         self._finish_by: float | None = None
         self._durations: collections.deque[float] = collections.deque(maxlen=_DURATIONS_KEPT)
@@ -458,7 +463,20 @@ class Flusher:
         return self.queue.wal_size() > self._wal_mark
 
     def _checkpoint(self) -> None:
-        self.queue.checkpoint()
+        now = time.monotonic()
+        allowed = now >= self._restart_after
+        if self.queue.checkpoint(restart=allowed):
+            self._restart_backoff = 0.0
+        elif allowed:
+            # A reader holds an old snapshot (an operator's read transaction): every RESTART
+            # would hold our writers for its busy timeout and fail again. Try again later,
+            # less often the longer it lasts; PASSIVE checkpoints go on meanwhile.
+            self._restart_backoff = min(max(1.0, self._restart_backoff * 2), _RESTART_BACKOFF_MAX)
+            self._restart_after = now + self._restart_backoff
+            logger.debug(
+                "durable_analytics: WAL checkpoint blocked by a reader; next full try in %.0f s",
+                self._restart_backoff,
+            )
         size = self.queue.wal_size()
         self._wal_mark = min(max(size, _WAL_CHECKPOINT_BYTES), _WAL_LIMIT_BYTES)
 

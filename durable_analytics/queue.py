@@ -675,7 +675,7 @@ class SQLiteQueue(QueueStorage):
             if held:
                 self._write_lock.release()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, restart: bool = True) -> bool:
         """Copy the WAL back into the database, and make the next write start it over.
 
         The writers leave checkpoints to the flusher; it calls this when the WAL has grown,
@@ -685,12 +685,22 @@ class SQLiteQueue(QueueStorage):
         RESTART then copies the few remaining frames while our own writers wait on the
         in-process write lock (milliseconds) and other connections at most 0.1 s, after which
         the next commit rewinds the WAL and ``journal_size_limit`` trims the file.
+
+        Returns False when frames are left (a reader holds an old snapshot, or ``restart`` is
+        off): the caller must not try a RESTART again at once, since each attempt holds the
+        writers for up to 0.1 s and a long read transaction (an operator's ``BEGIN`` in the
+        sqlite3 shell) makes every attempt fail.
         """
         with self._flushing() as conn, self._upkeep("checkpoint of %s skipped: %s"):
             _, frames, copied = conn.execute(CHECKPOINT_PASSIVE).fetchone()
-            if frames > copied:
-                with self._write_locked(), self._short_busy_timeout(conn):
-                    conn.execute(CHECKPOINT_RESTART).fetchall()
+            if frames <= copied:
+                return True
+            if not restart:
+                return False
+            with self._write_locked(), self._short_busy_timeout(conn):
+                (busy, frames, copied), *_ = conn.execute(CHECKPOINT_RESTART).fetchall()
+            return not busy and frames <= copied
+        return False  # skipped: locked or busy (_upkeep logged it)
 
     @contextlib.contextmanager
     def _upkeep(self, skipped: str) -> Iterator[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -573,6 +574,38 @@ def test_wal_stays_bounded_while_the_server_is_slow(make_client: Any, collector:
     assert client.stats()["delivered"] > 0  # the server was slow, not down
     assert peak < 16 * 1024 * 1024, peak
     collector.reset_responses()
+
+
+def test_a_long_read_transaction_does_not_stall_track(
+    make_client: Any, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: an operator's read transaction (``BEGIN; SELECT ...`` in the sqlite3 shell)
+    held for seconds keeps every checkpoint from completing. The flusher tried a blocking
+    (RESTART) checkpoint at every drain, each holding the writers for its 0.1 s busy timeout:
+    about 9 track() calls a second took over 0.09 s. It now backs off (1, 2, 4 ... s) while
+    the reader stays, so only a few calls wait, and the WAL is checkpointed once it is gone.
+    The one timing in the test is the stall's own size (0.09 s, the busy timeout's order),
+    counted, not bounded per call."""
+    client = make_client(base_url=collector.url, flush_interval=0.05, flush_threshold=50)
+    client.track("u", "first")
+    pad = "r" * 2000
+    slow = 0
+    with (
+        caplog.at_level(logging.DEBUG, logger="durable_analytics"),
+        sqlite3.connect(client.queue_path, isolation_level=None) as reader,
+    ):
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            started = time.monotonic()
+            client.track("u", "steady", {"pad": pad})
+            slow += time.monotonic() - started > 0.09
+        reader.execute("COMMIT")
+    blocked = [r for r in caplog.records if "checkpoint blocked by a reader" in r.getMessage()]
+    assert slow <= 8, slow
+    assert 1 <= len(blocked) <= 3  # 1 s, then 2 s apart: at most three tries in 3 s
+    assert client.flush(timeout=30)
 
 
 def test_disk_space_is_given_back_after_a_large_backlog_drains(
