@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,8 @@ if TYPE_CHECKING:  # typing.Unpack is 3.11+; only type checkers read it (annotat
     from typing_extensions import Self
 
 __all__ = ["AsyncAnalytics"]
+
+logger = logging.getLogger("durable_analytics")
 
 T = TypeVar("T")
 
@@ -259,6 +262,9 @@ class AsyncAnalytics(EventMethods):
             # again by the next process); it is bounded by its timeout.
             daemon=False,
         )
+        # If the await is cancelled, nobody awaits the future any more: log its failure
+        # instead of leaving asyncio to report an exception that was never retrieved.
+        future.add_done_callback(_log_failure)
         return await asyncio.shield(future)
 
     aclose = shutdown  # contextlib.aclosing() and friends look for aclose
@@ -324,3 +330,8 @@ def _in_thread(work: Callable[[], T], *, name: str, daemon: bool) -> asyncio.Fut
 
     threading.Thread(target=run, name=name, daemon=daemon).start()
     return future
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        logger.error("durable_analytics: shutdown failed: %r", exc)

@@ -319,8 +319,13 @@ class Stats:
             self._last_error_at = time.time()
 
     def reset_after_fork(self) -> None:
-        """A forked child gets a fresh lock (the parent's may have been held at fork time)."""
+        """A forked child starts from zero with a fresh lock (the parent's may have been held
+        at fork time): the counters are this process's, so summing the workers of a
+        ``--preload`` server must not count the master's events once per worker."""
         self._lock = threading.RLock()
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._requests = dict.fromkeys(REQUEST_OUTCOMES, 0)
         if self.latency is not None:
             self.latency.reset_after_fork()
 

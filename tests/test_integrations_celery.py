@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -393,3 +394,30 @@ def test_a_worker_killed_mid_task_loses_nothing_it_tracked(
     events = events_by_id(collector, tracked)
     assert {e["app_user_id"] for e in events.values()} == {"u42"}
     assert sorted(collector.message_ids()) == sorted(tracked)
+
+
+def test_decimals_and_sets_in_the_context_arrive_as_the_sender_would_store_them(
+    tmp_path: Path,
+) -> None:
+    """Review finding: a Decimal property travelled as text and reached the worker's events
+    as a string, and a set arrived in iteration order; the worker's events now carry the
+    number (same digits) and the sorted list, as the sender's own events do."""
+    import decimal
+
+    from durable_analytics.integrations import celery as integration
+
+    with analytics_context("u42", {"amount": decimal.Decimal("1.50"), "tags": {"b", "a", "c"}}):
+        context = get_context()
+        assert context is not None
+        header = integration._encode(context)
+    decoded = integration._decode(header)
+    assert decoded is not None
+    _, properties = decoded
+    with Analytics(
+        app_id="celery-values", persistence_dir=tmp_path / "q", send=False, handle_signals=False
+    ) as client:
+        client.track("u42", "e", properties)
+        with sqlite3.connect(client.queue_path) as conn:
+            (payload,) = conn.execute("SELECT payload FROM events").fetchone()
+    assert '"amount":1.5' in payload
+    assert '"tags":["a","b","c"]' in payload

@@ -167,19 +167,31 @@ def _json_default(value: Any) -> Any:
     # worker's track() records what the sender's would have.
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
-    if isinstance(value, (uuid.UUID, decimal.Decimal)):
+    if isinstance(value, decimal.Decimal):
+        # A finite Decimal as a float keeps the value JSON can carry; the worker's events
+        # then hold the number, as the sender's do (not its text).
+        return float(value) if value.is_finite() else str(value)
+    if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, (set, frozenset)):
-        return list(value)
+        try:
+            return sorted(value)  # as events.py stores a set
+        except TypeError:
+            return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _decode(value: Any) -> tuple[str, dict[str, Any]] | None:
     """The distinct id and properties in a header value; None (with a warning) if malformed."""
     try:
-        data = json.loads(value) if isinstance(value, (str, bytes)) else value
+        # parse_float=Decimal: a number keeps the digits the sender gave it.
+        data = (
+            json.loads(value, parse_float=decimal.Decimal)
+            if isinstance(value, (str, bytes))
+            else value
+        )
         if not isinstance(data, Mapping):
             raise ValueError("not a JSON object")
         distinct_id = data.get("distinct_id")
