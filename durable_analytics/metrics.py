@@ -265,7 +265,9 @@ class _DirectorySource(_Source):
 class _ClientSource(_Source):
     def __init__(self, analytics: Analytics, *, histogram: bool) -> None:
         self.client = analytics
-        self.key = id(analytics)
+        # By directory: one queue is one set of series, whether a client or its directory
+        # was registered, and a client that replaces a closed one takes its place.
+        self.key = Path(os.path.abspath(analytics.config.queue_dir))
         self.app_id = analytics.config.app_id
         self.directory = analytics.config.queue_dir
         # OpenTelemetry records each latency itself (a listener); Prometheus reads buckets.
@@ -310,8 +312,13 @@ class _Sources:
         self._sources: dict[object, _Source] = {}
 
     def add(self, source: _Source) -> None:
+        """Report ``source``; a client replaces what reported its queue before (a directory
+        source, or a client since closed), a directory never replaces a client."""
         with self._lock:
-            self._sources.setdefault(source.key, source)
+            if isinstance(source, _ClientSource):
+                self._sources[source.key] = source
+            else:
+                self._sources.setdefault(source.key, source)
 
     def remove(self, key: object) -> None:
         with self._lock:
@@ -325,7 +332,7 @@ class _Sources:
 def _key_of(target: Analytics | str | os.PathLike[str]) -> object:
     if isinstance(target, (str, os.PathLike)):
         return Path(os.path.abspath(target))
-    return id(target)
+    return Path(os.path.abspath(target.config.queue_dir))
 
 
 # --- Prometheus --------------------------------------------------------------------------------
@@ -562,7 +569,7 @@ class _OpenTelemetry:
         source = _ClientSource(analytics, histogram=False)
         self.sources.add(source)
         with _OTEL_GUARD:
-            if source.key in self._histograms or not latency:
+            if id(analytics) in self._histograms or not latency:
                 return
             attributes = {"app_id": source.app_id}
             histogram = self.latency
@@ -571,7 +578,7 @@ class _OpenTelemetry:
                 for value in latencies:
                     histogram.record(max(0.0, value), attributes)
 
-            self._histograms[source.key] = record
+            self._histograms[id(analytics)] = record
             analytics._stats.latency_listeners.append(record)
 
 

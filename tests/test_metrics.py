@@ -338,3 +338,34 @@ def test_the_docs_list_every_metric_and_instrument() -> None:
         assert row in text, row
     for name, unit in metrics.OTEL_NAMES.values():
         assert f"| `{name}` |" in text and f"| `{unit}` |" in text, name
+
+
+def test_one_queue_is_one_set_of_series_however_it_was_registered(tmp_path: Path) -> None:
+    """Review finding: a client and its own directory registered on one registry, or a
+    client replaced by a new one for the same app, reported every series twice (Prometheus
+    drops such scrapes' duplicates arbitrarily); the closed client's frozen counters stayed
+    forever. Sources are keyed by queue directory now; the newest client wins."""
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    options = {"app_id": "dup-app", "persistence_dir": tmp_path / "q", "send": False,
+               "handle_signals": False}  # fmt: skip
+    first = Analytics(**options)
+    first.track("u", "e")
+    metrics.register_prometheus(first, registry)
+    metrics.register_prometheus_queue(tmp_path / "q", registry)
+    first.shutdown()
+    second = Analytics(**options)
+    for _ in range(2):
+        second.track("u", "e")
+    metrics.register_prometheus(second, registry)
+    seen: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    enqueued = None
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            seen.append((sample.name, tuple(sorted(sample.labels.items()))))
+            if sample.name == "durable_analytics_events_enqueued_total":
+                enqueued = sample.value
+    second.shutdown()
+    assert len(seen) == len(set(seen)), "duplicate series"
+    assert enqueued == 2  # the live client's counter, not the closed one's
