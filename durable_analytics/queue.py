@@ -416,9 +416,14 @@ class SQLiteQueue(QueueStorage):
         writer, cap = self.writer_token, self.max_size
         self._cap_room = None  # unknown until this transaction commits
         trimmed = pending = 0
+        # The writer's first rows in this file: register it (so the removal trigger has a row
+        # to count into) and note where its rows start, in the same transaction as the rows.
+        floor = self._floor
+        first = floor is None and writer is not None and cap is not None
         with _transaction(conn):
             if writer is not None and cap is not None:
-                conn.execute(REGISTER_WRITER, (writer,))
+                if first:
+                    conn.execute(REGISTER_WRITER, (writer,))
                 pending = self._pending_of(conn, writer) + len(rows)
                 if require_room and pending > cap:
                     raise QueueFullError(
@@ -427,19 +432,19 @@ class SQLiteQueue(QueueStorage):
                         "nothing was stored"
                     )
             conn.executemany(INSERT_EVENT, rows)
-            if self._floor is None and writer is not None:
+            if first:
                 # AUTOINCREMENT under our write lock: this transaction's ids are consecutive.
                 (last,) = conn.execute(SELECT_LAST_INSERT).fetchone()
-                self._floor = int(last) - len(rows) + 1
+                floor = int(last) - len(rows) + 1
             if checkpoints:
                 now = format_timestamp()
                 conn.executemany(
                     UPSERT_CHECKPOINT, [(name, value, now) for name, value in checkpoints.items()]
                 )
             if writer is not None and cap is not None and pending > cap:
-                trimmed = conn.execute(
-                    TRIM_WRITER, (self._floor or 0, writer, pending - cap)
-                ).rowcount
+                trimmed = conn.execute(TRIM_WRITER, (floor or 0, writer, pending - cap)).rowcount
+        # Only once committed: a rolled-back first transaction registered nothing.
+        self._floor = floor
         self._inserted += len(rows)
         if writer is not None and cap is not None:
             self._cap_room = cap - (pending - trimmed)
