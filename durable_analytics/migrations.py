@@ -65,36 +65,14 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 
 @migrations()
-def m002_writer_counts(db: sqlite_utils.Database) -> None:
-    """Who wrote each event, and how many of each writer's events were removed since.
-
-    ``max_queue_size`` counts one process's events (SPEC), so the cap may only ever trim rows
-    the capped process wrote itself: never another live process's, never a dead one's backlog.
-    ``writer`` is a random token per process and queue (NULL for rows of 0.1 and rows the
-    command line replays). A writer knows how many rows it inserted; ``writer_counts`` keeps,
-    by trigger, how many of them were removed since, whoever deleted them (our flusher,
-    another process's, the cap, an operator in the sqlite3 shell). Pending = inserted -
-    removed, O(1), and nothing extra runs on the insert path.
-    """
-    db.execute("ALTER TABLE events ADD COLUMN writer INTEGER")
-    db.execute("CREATE TABLE writer_counts (writer INTEGER PRIMARY KEY, removed INTEGER NOT NULL)")
-    db.execute(
-        "CREATE TRIGGER events_writer_removed AFTER DELETE ON events "
-        "WHEN OLD.writer IS NOT NULL BEGIN "
-        "UPDATE writer_counts SET removed = removed + 1 WHERE writer = OLD.writer; END"
-    )
+def m002_dead_letter_response(db: sqlite_utils.Database) -> None:
+    """dead_letter.response: the start of the server's answer, so an operator can see why."""
+    db.execute("ALTER TABLE dead_letter ADD COLUMN response TEXT")
     db.execute("PRAGMA user_version = 2")
 
 
 @migrations()
-def m003_dead_letter_response(db: sqlite_utils.Database) -> None:
-    """dead_letter.response: the start of the server's answer, so an operator can see why."""
-    db.execute("ALTER TABLE dead_letter ADD COLUMN response TEXT")
-    db.execute("PRAGMA user_version = 3")
-
-
-@migrations()
-def m004_checkpoints(db: sqlite_utils.Database) -> None:
+def m003_checkpoints(db: sqlite_utils.Database) -> None:
     """checkpoints: a batch job's progress, committed in the same transaction as its events.
 
     ``Analytics.batch()`` writes a job's events and ``checkpoint(name, value)`` together, so a
@@ -105,10 +83,10 @@ def m004_checkpoints(db: sqlite_utils.Database) -> None:
         "CREATE TABLE checkpoints (name TEXT PRIMARY KEY, value TEXT NOT NULL, "
         "updated_at TEXT NOT NULL)"
     )
-    db.execute("PRAGMA user_version = 4")
+    db.execute("PRAGMA user_version = 3")
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 3
 
 
 def check_version(conn: sqlite3.Connection, path: str) -> int:

@@ -42,7 +42,7 @@ from .errors import (
 from .events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
-from .storage import REGISTER_WRITER, SELECT_DEPTH, QueueStorage
+from .storage import SELECT_DEPTH, QueueStorage
 
 __all__ = ["DeadLetter", "QueuedEvent", "SQLiteQueue"]
 
@@ -51,18 +51,11 @@ logger = logging.getLogger("durable_analytics")
 # --- SQL: what the queue runs once a connection is open (storage.py has the rest) ---------
 
 INSERT_EVENT: Final = (
-    "INSERT INTO events (message_id, type, event, distinct_id, created_at, payload, writer) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (message_id, type, event, distinct_id, created_at, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
-# The cap (max_size counts this writer's own pending events; migrations.m002 keeps the count).
-SELECT_WRITER_REMOVED: Final = "SELECT removed FROM writer_counts WHERE writer = ?"
-# From the writer's first row in this file (`_floor`) on: a rowid range, so the scan never
-# walks the backlog other (or dead) processes wrote before this one started.
-TRIM_WRITER: Final = (
-    "DELETE FROM events WHERE id IN "
-    "(SELECT id FROM events WHERE id >= ? AND writer = ? ORDER BY id LIMIT ?)"
-)
-SELECT_LAST_INSERT: Final = "SELECT last_insert_rowid()"
+# The cap: max_size counts the events pending in this process's own file, oldest trimmed first.
+TRIM_OLDEST: Final = "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)"
 UPSERT_CHECKPOINT: Final = (
     "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
@@ -327,11 +320,9 @@ class SQLiteQueue(QueueStorage):
             self._commit_pending(leader)
 
     def _rows(self, events: Sequence[EncodedEvent]) -> list[tuple[Any, ...]]:
-        """``events`` as INSERT_EVENT rows, stamped with this writer's token."""
-        writer = self.writer_token
+        """``events`` as INSERT_EVENT rows."""
         return [
-            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload, writer)
-            for e in events
+            (e.message_id, e.type, e.event, e.distinct_id, e.created_at, e.payload) for e in events
         ]
 
     @contextlib.contextmanager
@@ -351,21 +342,20 @@ class SQLiteQueue(QueueStorage):
             self._write_lock.release()
 
     def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
-        """Insert ``rows``, then trim this writer beyond the cap; returns how many it trimmed.
+        """Insert ``rows``, then trim beyond the cap; returns how many events it trimmed.
 
-        The cap count is read only when the rows may not fit the room known from the last
-        read (other processes' flushers only ever make more room), so an append normally
-        costs one INSERT; when it may overflow, insert, count and trim are one transaction.
+        The depth is read only when the rows may not fit the room known from the last read
+        (the flusher only ever makes more room), so an append normally costs one INSERT; when
+        it may overflow, insert, count and trim are one transaction.
         """
-        writer, room = self.writer_token, self._cap_room
-        if writer is None or (room is not None and room >= len(rows)):
+        room = self._cap_room
+        if self.max_size is None or (room is not None and room >= len(rows)):
             if len(rows) == 1:
                 # Autocommit: one statement is one transaction, and one GIL round trip.
                 conn.execute(INSERT_EVENT, rows[0])
             else:
                 with _transaction(conn):
                     conn.executemany(INSERT_EVENT, rows)
-            self._inserted += len(rows)
             if room is not None:
                 self._cap_room = room - len(rows)
             return 0
@@ -412,19 +402,17 @@ class SQLiteQueue(QueueStorage):
         checkpoints: Mapping[str, str],
         require_room: bool,
     ) -> int:
-        """Insert, count and trim in one transaction (the caller holds the writer's locks)."""
-        writer, cap = self.writer_token, self.max_size
+        """Insert, count and trim in one transaction (the caller holds the writer's locks).
+
+        The file is this process's own (one file per writing process), so its depth is this
+        process's pending count and the cap never touches another process's events.
+        """
+        cap = self.max_size
         self._cap_room = None  # unknown until this transaction commits
         trimmed = pending = 0
-        # The writer's first rows in this file: register it (so the removal trigger has a row
-        # to count into) and note where its rows start, in the same transaction as the rows.
-        floor = self._floor
-        first = floor is None and writer is not None and cap is not None
         with _transaction(conn):
-            if writer is not None and cap is not None:
-                if first:
-                    conn.execute(REGISTER_WRITER, (writer,))
-                pending = self._pending_of(conn, writer) + len(rows)
+            if cap is not None:
+                pending = int(conn.execute(SELECT_DEPTH).fetchone()[0]) + len(rows)
                 if require_room and pending > cap:
                     raise QueueFullError(
                         f"{len(rows)} event(s) don't fit: this process has "
@@ -432,36 +420,24 @@ class SQLiteQueue(QueueStorage):
                         "nothing was stored"
                     )
             conn.executemany(INSERT_EVENT, rows)
-            if first:
-                # AUTOINCREMENT under our write lock: this transaction's ids are consecutive.
-                (last,) = conn.execute(SELECT_LAST_INSERT).fetchone()
-                floor = int(last) - len(rows) + 1
             if checkpoints:
                 now = format_timestamp()
                 conn.executemany(
                     UPSERT_CHECKPOINT, [(name, value, now) for name, value in checkpoints.items()]
                 )
-            if writer is not None and cap is not None and pending > cap:
-                trimmed = conn.execute(TRIM_WRITER, (floor or 0, writer, pending - cap)).rowcount
-        # Only once committed: a rolled-back first transaction registered nothing.
-        self._floor = floor
-        self._inserted += len(rows)
-        if writer is not None and cap is not None:
+            if cap is not None and pending > cap:
+                trimmed = conn.execute(TRIM_OLDEST, (pending - cap,)).rowcount
+        if cap is not None:
             self._cap_room = cap - (pending - trimmed)
         return int(trimmed)
 
-    def _pending_of(self, conn: sqlite3.Connection, writer: int) -> int:
-        """This writer's events still in the file: inserted here minus removed by anyone."""
-        row = conn.execute(SELECT_WRITER_REMOVED, (writer,)).fetchone()
-        return self._inserted - (0 if row is None else int(row[0]))
-
     def room(self) -> int | None:
-        """How many more events this writer may queue before the cap (None: no cap)."""
-        if self.writer_token is None or self.max_size is None:
+        """How many more events this process may queue before the cap (None: no cap)."""
+        if self.max_size is None:
             return None
         with self._writing() as conn:
             try:
-                pending = self._pending_of(conn, self.writer_token)
+                pending = int(conn.execute(SELECT_DEPTH).fetchone()[0])
             except sqlite3.DatabaseError as exc:
                 raise translate(exc, self.path) from exc
         return self.max_size - pending

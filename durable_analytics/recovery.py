@@ -44,11 +44,11 @@ from .errors import (
     StorageError,
     StorageUnavailableError,
 )
-from .paths import DB_NAME, wal_size
+from .paths import wal_size
 
 __all__ = [
-    "ORPHAN_PREFIX",
-    "QUARANTINE_PREFIX",
+    "ORPHAN_KIND",
+    "QUARANTINE_KIND",
     "FileId",
     "abandon",
     "check_header",
@@ -60,9 +60,10 @@ __all__ = [
     "translate",
 ]
 
-#: Name of a file moved aside: queue.db.<kind>-<UTC time>-<pid>-<random> (+ -wal, -shm).
-QUARANTINE_PREFIX: Final = f"{DB_NAME}.corrupt-"
-ORPHAN_PREFIX: Final = f"{DB_NAME}.orphan-"
+#: A file moved aside is named <file name>.<kind>-<UTC time>-<pid>-<random> (+ -wal, -shm),
+#: e.g. ``events-4242-….db.corrupt-20261129T172500Z-4242-1a2b3c4d``.
+QUARANTINE_KIND: Final = "corrupt"
+ORPHAN_KIND: Final = "orphan"
 
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 # Primary result codes (sqlite3.h) for translate; Python 3.11+ exposes them on the error.
@@ -166,18 +167,18 @@ def abandon(conn: sqlite3.Connection) -> None:
 
 
 def move_aside(
-    directory: Path,
+    db_path: Path,
     error: QueueCorruptError,
-    prefix: str,
+    kind: str,
     suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
 ) -> None:
     """Rename the database (first) and its -wal/-shm to a quarantine name; keep them 0600.
 
     The caller holds the init lock. Sets ``error.quarantined_to``.
     """
-    db = str(directory / DB_NAME)
+    directory, db = db_path.parent, str(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    name = f"{prefix}{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = f"{db_path.name}.{kind}-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     for suffix in suffixes:
         target = directory / (name + suffix)
         try:
@@ -189,15 +190,15 @@ def move_aside(
     error.quarantined_to = str(directory / name)
 
 
-def orphaned_wal(directory: Path) -> QueueCorruptError | None:
+def orphaned_wal(db_path: Path) -> QueueCorruptError | None:
     """The error to record if a non-empty ``-wal`` has no database (missing or empty).
 
     SQLite would replay such a WAL into whatever database is created next under this
     name: a foreign WAL, i.e. corruption. It is left by a crash half-way through a
     quarantine, or by a cleaner that deleted only ``queue.db``. It is to be moved aside
-    (`ORPHAN_PREFIX`), kept, not deleted.
+    (`ORPHAN_KIND`), kept, not deleted.
     """
-    db = str(directory / DB_NAME)
+    db = str(db_path)
     try:
         db_size = os.stat(db).st_size
     except FileNotFoundError:
@@ -212,7 +213,7 @@ def orphaned_wal(directory: Path) -> QueueCorruptError | None:
         return None
     return QueueCorruptError(
         f"{db}-wal has no database (a crash while quarantining, or a cleaner "
-        "deleted queue.db); set aside so a new queue does not adopt it",
+        f"deleted {db_path.name}); set aside so a new queue does not adopt it",
         path=db + "-wal",
     )
 
@@ -224,7 +225,7 @@ def quarantined_as(directory: Path, identity: FileId) -> str | None:
     except OSError:
         return None
     for name in names:
-        if name.startswith(QUARANTINE_PREFIX) and not name.endswith(("-wal", "-shm")):
+        if f".{QUARANTINE_KIND}-" in name and not name.endswith(("-wal", "-shm")):
             path = directory / name
             with contextlib.suppress(OSError):
                 st = os.lstat(path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -60,8 +59,8 @@ from .paths import (
     ensure_private_dir,
 )
 from .recovery import (
-    ORPHAN_PREFIX,
-    QUARANTINE_PREFIX,
+    ORPHAN_KIND,
+    QUARANTINE_KIND,
     FileId,
     abandon,
     check_header,
@@ -100,10 +99,6 @@ INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?
 # Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
 PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
 PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
-# Writers that have nothing pending any more (dead processes, closed clients): at open.
-# A capped writer's row, so the removal trigger has something to count into (migrations.m002);
-# written in the transaction of the writer's first insert into a file, before any row of it.
-REGISTER_WRITER: Final = "INSERT OR IGNORE INTO writer_counts (writer, removed) VALUES (?, 0)"
 # Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
 # milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
 # writers at full speed would grow the WAL by tens of MB a second. So writers still
@@ -223,9 +218,13 @@ class QueueStorage:
         max_size: int | None = None,
         writer_checkpoints: bool = True,
         self_heal: bool = False,
+        name: str = DB_NAME,
+        create: bool = True,
     ) -> None:
         self.directory = Path(os.path.abspath(directory))
-        self.path = self.directory / DB_NAME
+        self.path = self.directory / name
+        #: False for another process's file: it must exist, and is never re-created.
+        self.create = create
         self._path_str = str(self.path)
         self.app_id = app_id
         self.durability = durability
@@ -274,17 +273,8 @@ class QueueStorage:
         # sleeps for milliseconds at a time.
         self._write_lock = _write_lock_for(self.path)
         self._pid = os.getpid()
-        # Stamped on every row this process appends while capped, so the cap trims only our
-        # own rows (queue.py); a forked child is another writer with its own count.
-        self.writer_token: int | None = None if self.max_size is None else secrets.randbits(62) + 1
-        # Appends that surely fit under the cap before the count must be read again.
+        # Appends that surely fit under the cap before the depth must be read again.
         self._cap_room: int | None = None
-        # Rows this writer inserted into the file `_inserted_in` (its pending count is this
-        # minus writer_counts.removed). Reset when the writer lands in another file.
-        self._inserted = 0
-        self._inserted_in: FileId | None = None
-        # The id of this writer's first row in that file: none of its rows is older.
-        self._floor: int | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -351,16 +341,20 @@ class QueueStorage:
 
     def _initialise_locked(self) -> None:
         """`_initialise`'s body; the caller holds the init lock."""
-        self._set_aside_orphans()
-        create_private_file(self.path)
-        try:
+        if not self.create:
+            check_private_file(self.path)
             owner = self._prepare_schema()
-        except QueueCorruptError as exc:
-            if not self.self_heal:
-                raise
-            self._move_aside(exc, QUARANTINE_PREFIX)
+        else:
+            self._set_aside_orphans()
             create_private_file(self.path)
-            owner = self._prepare_schema()
+            try:
+                owner = self._prepare_schema()
+            except QueueCorruptError as exc:
+                if not self.self_heal:
+                    raise
+                self._move_aside(exc, QUARANTINE_KIND)
+                create_private_file(self.path)
+                owner = self._prepare_schema()
         if owner != self.app_id:
             raise QueueMismatchError(
                 f"{self.path} belongs to app_id {owner!r}, not {self.app_id!r}; "
@@ -396,18 +390,18 @@ class QueueStorage:
 
     def _set_aside_orphans(self) -> None:
         """Move a ``-wal`` (and ``-shm``) whose database is missing or empty out of the way."""
-        error = orphaned_wal(self.directory)
+        error = orphaned_wal(self.path)
         if error is not None:
-            self._move_aside(error, ORPHAN_PREFIX, suffixes=("-wal", "-shm"))
+            self._move_aside(error, ORPHAN_KIND, suffixes=("-wal", "-shm"))
 
     def _move_aside(
         self,
         error: QueueCorruptError,
-        prefix: str,
+        kind: str,
         suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
     ) -> None:
         """`move_aside` (the caller holds the init lock), and record ``error`` in `incidents`."""
-        move_aside(self.directory, error, prefix, suffixes)
+        move_aside(self.path, error, kind, suffixes)
         self.incidents.append(error)
 
     def quarantine(self, error: QueueCorruptError) -> None:
@@ -437,7 +431,7 @@ class QueueStorage:
                 if current is not None and current in ours:
                     # Still the file our connections found damaged. Otherwise someone (another
                     # process, or another thread of ours) has replaced it already: reopen only.
-                    self._move_aside(error, QUARANTINE_PREFIX)
+                    self._move_aside(error, QUARANTINE_KIND)
                 for conn, _ in connections:
                     if conn is not None:
                         abandon(conn)
@@ -510,9 +504,6 @@ class QueueStorage:
             self._recover_replaced(conn, self._writer_id)
         conn = self._open_writer()
         self._writer_id = file_identity(self._path_str)
-        if self._writer_id != self._inserted_in:
-            # Another file (new, replaced, quarantined): nothing of ours is in it yet.
-            self._inserted, self._inserted_in, self._floor = 0, self._writer_id, None
         self._cap_room = None
         return conn
 
@@ -650,7 +641,7 @@ class QueueStorage:
     def _open_connection(self) -> sqlite3.Connection:
         self._closed = False
         try:
-            return self._connect()
+            return self._connect(create=self.create)
         except sqlite3.DatabaseError as exc:
             raise translate(exc, self.path) from exc
 
