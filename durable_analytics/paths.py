@@ -52,13 +52,24 @@ __all__ = [
     "ensure_private_dir",
     "file_size",
     "flush_lock",
+    "lock_path_of",
     "network_filesystem",
+    "owner_pid",
+    "queue_files",
+    "writer_file_name",
     "state_dir",
     "state_root",
     "wal_size",
 ]
 
+#: The one file of a queue written by durable_analytics 0.1 (and read, never written, since).
 DB_NAME = "queue.db"
+#: One writing process's own queue file: events-<pid>-<16 hex>.db. The random part keeps a
+#: reused process id from ever naming an older file; the pid is there for the operator.
+WRITER_PREFIX = "events-"
+#: Each writer's file has a lock file of the same stem, held (flock) for the writer's lifetime:
+#: the kernel frees it when the process dies, which is how a flusher tells a dead owner.
+LOCK_SUFFIX = ".lock"
 #: Held by the one process that ships from this queue (see flusher.py).
 FLUSH_LOCK_NAME = "flush.lock"
 #: Held briefly while a process creates, migrates or quarantines the database.
@@ -259,6 +270,49 @@ def check_private_file(path: Path, *, missing_ok: bool = False) -> None:
 
 
 # --- the files of one queue ------------------------------------------------------------------
+
+
+def writer_file_name(pid: int, token: str) -> str:
+    """The name of writer ``pid``'s queue file (``token``: 16 random hex digits)."""
+    return f"{WRITER_PREFIX}{pid}-{token}.db"
+
+
+def _is_writer_file(name: str) -> bool:
+    if not (name.startswith(WRITER_PREFIX) and name.endswith(".db")):
+        return False
+    pid, _, token = name[len(WRITER_PREFIX) : -3].partition("-")
+    return pid.isdigit() and len(token) == 16 and all(c in "0123456789abcdef" for c in token)
+
+
+def queue_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Every queue file in ``directory``: 0.1's ``queue.db`` first, then the writers' files.
+
+    Moved-aside files (``*.corrupt-*``, ``*.orphan-*``) and ``-wal``/``-shm`` are not queue
+    files. The writers' files are ordered by name (pid, then token): a stable order, not an
+    age. A missing directory has none.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    base = Path(directory)
+    found = [base / name for name in sorted(names) if _is_writer_file(name)]
+    if DB_NAME in names:
+        found.insert(0, base / DB_NAME)
+    return found
+
+
+def lock_path_of(db: Path) -> Path:
+    """The owner's lock file of writer file ``db`` (0.1's ``queue.db`` has none)."""
+    return db.with_suffix(LOCK_SUFFIX)
+
+
+def owner_pid(db: Path) -> int | None:
+    """The process id in a writer file's name (None for ``queue.db``)."""
+    if not _is_writer_file(db.name):
+        return None
+    return int(db.name[len(WRITER_PREFIX) :].partition("-")[0])
+
 
 
 def wal_size(db: Path) -> int:
