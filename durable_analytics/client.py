@@ -33,6 +33,7 @@ from . import signals
 from ._version import __version__
 from .batch import Batch
 from .config import Config, default_persistence_dir
+from .directory import QueueDirectory
 from .errors import (
     ClosedError,
     ConfigurationError,
@@ -55,7 +56,6 @@ from .events import (
 from .flusher import Flusher
 from .methods import EventMethods
 from .paths import ensure_private_dir
-from .queue import SQLiteQueue
 from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
 from .writing import Writer, with_events
@@ -195,7 +195,7 @@ class Analytics(EventMethods):
             with contextlib.suppress(StorageUnavailableError):
                 # A read-only or full temp dir: the queue's own open reports it and retries.
                 ensure_private_dir(default_persistence_dir(config.app_id).parent)
-        self._queue = SQLiteQueue(
+        self._queue = QueueDirectory(
             config.queue_dir,
             config.app_id,
             durability=config.durability,
@@ -437,8 +437,16 @@ class Analytics(EventMethods):
 
     @property
     def queue_path(self) -> Path:
-        """The SQLite file holding this app's queue (open it with ``sqlite3``)."""
+        """This process's own queue file (``events-<pid>-<hex>.db``; open it with ``sqlite3``).
+
+        The app's queue is every file in `queue_dir`: one per writing process.
+        """
         return self._queue.path
+
+    @property
+    def queue_dir(self) -> Path:
+        """The directory holding this app's queue: one SQLite file per writing process."""
+        return self._queue.directory
 
     def queue_depth(self) -> int:
         """Events waiting on disk, including other processes' (O(1)).

@@ -40,6 +40,7 @@ from typing import Any
 import filelock
 
 from .config import Config
+from .directory import Marks, QueueDirectory
 from .errors import (
     AuthenticationError,
     DeliveryError,
@@ -51,7 +52,7 @@ from .errors import (
     TransportError,
 )
 from .paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
-from .queue import QueuedEvent, SQLiteQueue, decode_payload
+from .queue import QueuedEvent, decode_payload
 from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
 from .stats import Stats
 from .transport import SendFailed, Transport, to_segment
@@ -67,6 +68,9 @@ MAX_RETRY_AFTER = 300.0
 _LINGER = 0.05
 # Seconds the queue must stay empty (no new event) after a drain before it is compacted.
 _COMPACT_IDLE = 1.0
+# How often, at most, a drain looks for drained files of dead processes to remove (each look
+# tries one lock per file), besides whenever a drain empties the queue.
+_CLEANUP_EVERY = 5.0
 # WAL size past which the flusher checkpoints on its next wake-up. The file keeps its size
 # after a checkpoint (writers start over at its beginning, and journal_size_limit trims it to
 # _WAL_LIMIT_BYTES), so the next checkpoint is due only once it grows past that size again:
@@ -129,7 +133,7 @@ class Flusher:
 
     def __init__(
         self,
-        queue: SQLiteQueue,
+        queue: QueueDirectory,
         transport: Transport,
         config: Config,
         stats: Stats,
@@ -161,9 +165,11 @@ class Flusher:
         self._server_until = 0.0
         self._urgent = False
         self._interval_due = False
-        # The last id when a drain emptied the queue: compact if it is still the last id
-        # after an idle interval.
-        self._compact_at_id: int | None = None
+        # The files' last ids when a drain emptied the queue: compact if they are still the
+        # last ids after an idle interval.
+        self._compact_at: Marks | None = None
+        # No search for drained files of dead processes before this monotonic time.
+        self._next_cleanup = 0.0
         self._compact_due = 0.0
         self._failures = 0
         self._failing_since: float | None = None
@@ -221,7 +227,7 @@ class Flusher:
         Returns False when ``timeout`` seconds pass first; the events stay on disk.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        target = self.queue.last_id()
+        target = self.queue.marks()
         if self._done(target):
             return True
         if threading.current_thread() is self._thread:
@@ -247,9 +253,8 @@ class Flusher:
         with self._progress:
             self._progress.wait(timeout)
 
-    def _done(self, target: int) -> bool:
-        head = self.queue.head()
-        return head is None or head[0] > target
+    def _done(self, target: Marks) -> bool:
+        return self.queue.reached(target)
 
     def finish_by(self, deadline: float) -> None:
         """Shutdown: from now on, start no request that would still be running at ``deadline``
@@ -293,7 +298,7 @@ class Flusher:
                 wait = max(0.0, hold - now)
             else:
                 wait = self.config.flush_interval if hold <= now else hold - now
-            compact_wait = self._compact_due - now if self._compact_at_id is not None else None
+            compact_wait = self._compact_due - now if self._compact_at is not None else None
             if compact_wait is not None and compact_wait < wait:
                 # Wake for the pending compaction; that alone doesn't make the interval due.
                 woken = self._wake.wait(max(0.0, compact_wait))
@@ -452,12 +457,18 @@ class Flusher:
                     self._progress.notify_all()
                 if not ok:
                     return
-            if sent_any and not self.queue.head():
+            drained = not self.queue.head()
+            if sent_any and drained:
                 # Compact once the queue has stayed idle a while: the truncating checkpoint
                 # holds writers, and in a burst the queue is empty between batches (a 182 ms
                 # track() stall was measured compacting right here).
-                self._compact_at_id = self.queue.last_id()
+                self._compact_at = self.queue.marks()
                 self._compact_due = time.monotonic() + _COMPACT_IDLE
+            now = time.monotonic()
+            if drained or now >= self._next_cleanup:
+                # Under the flush lock: no other flusher reads the files we remove.
+                self._next_cleanup = now + _CLEANUP_EVERY
+                self.queue.remove_dead_files()
 
     def _checkpoint_due(self) -> bool:
         return self.queue.wal_size() > self._wal_mark
@@ -465,7 +476,7 @@ class Flusher:
     def _checkpoint(self) -> None:
         now = time.monotonic()
         allowed = now >= self._restart_after
-        if self.queue.checkpoint(restart=allowed):
+        if self.queue.checkpoint(restart=allowed, min_bytes=_WAL_CHECKPOINT_BYTES // 4):
             self._restart_backoff = 0.0
         elif allowed:
             # A reader holds an old snapshot (an operator's read transaction): every RESTART
@@ -482,13 +493,13 @@ class Flusher:
 
     def _compact_if_idle(self) -> None:
         """Compact if no event arrived since the drain that emptied the queue."""
-        target, self._compact_at_id = self._compact_at_id, None
-        if target is not None and self.queue.last_id() == target:
+        target, self._compact_at = self._compact_at, None
+        if target is not None and self.queue.marks() == target:
             self.queue.compact()
 
     def compact_if_drained(self) -> None:
         """At shutdown: give the space back now if a drain emptied the queue and it stayed so."""
-        if self._compact_at_id is not None and self._pid == os.getpid():
+        if self._compact_at is not None and self._pid == os.getpid():
             try:
                 self._compact_if_idle()
             except StorageError as exc:

@@ -56,10 +56,10 @@ __all__ = [
     "network_filesystem",
     "owner_pid",
     "queue_files",
-    "writer_file_name",
     "state_dir",
     "state_root",
     "wal_size",
+    "writer_file_name",
 ]
 
 #: The one file of a queue written by durable_analytics 0.1 (and read, never written, since).
@@ -312,7 +312,6 @@ def owner_pid(db: Path) -> int | None:
     if not _is_writer_file(db.name):
         return None
     return int(db.name[len(WRITER_PREFIX) :].partition("-")[0])
-
 
 
 def wal_size(db: Path) -> int:

@@ -37,6 +37,7 @@ from .errors import (
     QueueCorruptError,
     QueueFullError,
     StorageBusyError,
+    StorageError,
     StorageUnavailableError,
 )
 from .events import EncodedEvent, format_timestamp
@@ -60,7 +61,30 @@ UPSERT_CHECKPOINT: Final = (
     "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
 )
-SELECT_CHECKPOINT: Final = "SELECT value FROM checkpoints WHERE name = ?"
+SELECT_CHECKPOINT: Final = "SELECT value, updated_at FROM checkpoints WHERE name = ?"
+# A drained file of a dead process hands its dead letters and checkpoints to a live file
+# (directory.py). Idempotent, so a crash between the copy and the unlink copies nothing twice.
+SELECT_ALL_DEAD_LETTERS: Final = (
+    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
+    "status_code, failed_at, response FROM dead_letter ORDER BY id"
+)
+INSERT_DEAD_LETTER_ONCE: Final = (
+    "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
+    "payload, reason, status_code, failed_at, response) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
+    "(SELECT 1 FROM dead_letter WHERE message_id = ?1 AND failed_at = ?10)"
+)
+SELECT_ALL_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints"
+MERGE_CHECKPOINT: Final = (
+    "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at "
+    "WHERE excluded.updated_at > checkpoints.updated_at"
+)
+# Anything left that someone may want: pending events, dead letters, checkpoints.
+SELECT_KEPT: Final = (
+    "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM dead_letter) "
+    "OR EXISTS (SELECT 1 FROM checkpoints)"
+)
 CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 SELECT_LAST_ID: Final = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
@@ -442,14 +466,37 @@ class SQLiteQueue(QueueStorage):
                 raise translate(exc, self.path) from exc
         return self.max_size - pending
 
+    def checkpoint_entry(self, name: str) -> tuple[str, str] | None:
+        """(value, updated_at) of checkpoint ``name`` in this file, or None."""
+        row = self._peek(SELECT_CHECKPOINT, (name,))
+        return None if row is None else (str(row[0]), str(row[1]))
+
     def checkpoint_value(self, name: str) -> str | None:
-        """The last committed value of checkpoint ``name`` (any process's), or None."""
-        with self._writing() as conn:
+        """The last committed value of checkpoint ``name`` in this file, or None."""
+        entry = self.checkpoint_entry(name)
+        return None if entry is None else entry[0]
+
+    def removable(self) -> bool:
+        """True when the file holds nothing anyone needs: no event, dead letter or checkpoint."""
+        try:
+            return not self._peek(SELECT_KEPT)[0]
+        except StorageError:
+            return False
+
+    def absorb(self, other: SQLiteQueue) -> None:
+        """Copy ``other``'s dead letters and checkpoints into this file (a checkpoint keeps
+        its newest value); for a drained file of a dead process, before it is removed."""
+        with other._flushing() as source:
             try:
-                row = conn.execute(SELECT_CHECKPOINT, (name,)).fetchone()
+                dead = source.execute(SELECT_ALL_DEAD_LETTERS).fetchall()
+                checkpoints = source.execute(SELECT_ALL_CHECKPOINTS).fetchall()
             except sqlite3.DatabaseError as exc:
-                raise translate(exc, self.path) from exc
-        return None if row is None else str(row[0])
+                raise translate(exc, other.path) from exc
+        if not dead and not checkpoints:
+            return
+        with self._writing() as conn, self._write_transaction(conn):
+            conn.executemany(INSERT_DEAD_LETTER_ONCE, dead)
+            conn.executemany(MERGE_CHECKPOINT, checkpoints)
 
     def depth(self, *, for_flusher: bool = False) -> int:
         """Events waiting in this queue, written by any process. O(1).

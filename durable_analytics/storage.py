@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
@@ -57,6 +58,7 @@ from .paths import (
     check_private_file,
     create_private_file,
     ensure_private_dir,
+    lock_path_of,
 )
 from .recovery import (
     ORPHAN_KIND,
@@ -220,11 +222,16 @@ class QueueStorage:
         self_heal: bool = False,
         name: str = DB_NAME,
         create: bool = True,
+        owned: bool = False,
     ) -> None:
         self.directory = Path(os.path.abspath(directory))
         self.path = self.directory / name
         #: False for another process's file: it must exist, and is never re-created.
         self.create = create
+        #: True for this process's own writer file: its lock file is held while we live.
+        self.owned = owned
+        self._owner_fd: int | None = None
+        self._owner_lock_id: FileId | None = None
         self._path_str = str(self.path)
         self.app_id = app_id
         self.durability = durability
@@ -345,6 +352,8 @@ class QueueStorage:
             check_private_file(self.path)
             owner = self._prepare_schema()
         else:
+            if self.owned:
+                self._hold_owner_lock()
             self._set_aside_orphans()
             create_private_file(self.path)
             try:
@@ -361,6 +370,46 @@ class QueueStorage:
                 "use a persistence_dir per app",
                 path=str(self.path),
             )
+
+    def _hold_owner_lock(self) -> None:
+        """Hold this writer file's lock file (flock) for the life of the process.
+
+        The kernel releases it when the process dies, however it dies: that is how the
+        flusher of another process tells a file whose owner is gone (directory.py). Checked
+        again on every (re)open: a lock file deleted under us (a cleaner) is made anew.
+        """
+        path = lock_path_of(self.path)
+        if self._owner_fd is not None:
+            if file_identity(str(path)) == self._owner_lock_id:
+                return
+            os.close(self._owner_fd)
+            self._owner_fd = None
+        create_private_file(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"cannot open {path}: {exc.strerror or exc}", path=str(path)
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageUnavailableError(
+                f"cannot lock {path}: {exc.strerror or exc}", path=str(path)
+            ) from exc
+        st = os.fstat(fd)
+        self._owner_fd, self._owner_lock_id = fd, (st.st_dev, st.st_ino)
+
+    def drop_owner_lock(self, *, unlink: bool) -> None:
+        """Stop holding the lock file (``unlink``: and remove it; the caller removed the file)."""
+        fd, self._owner_fd = self._owner_fd, None
+        if fd is None:
+            return
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path_of(self.path))
+        os.close(fd)
 
     def _prepare_schema(self) -> str:
         """Check the header, migrate, bind the app id; returns the app id the file belongs to.
@@ -435,6 +484,8 @@ class QueueStorage:
                 for conn, _ in connections:
                     if conn is not None:
                         abandon(conn)
+                if not self.create:
+                    return  # another process's file: nothing to start afresh here
                 try:
                     self._initialise_locked()
                 except StorageUnavailableError as exc:
@@ -464,6 +515,11 @@ class QueueStorage:
             raise
         return conn
 
+    @property
+    def file_id(self) -> FileId | None:
+        """The file our connections have open (what `QueuedEvent.source` names)."""
+        return self._reader_id or self._writer_id
+
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
             self.after_fork()
@@ -472,6 +528,13 @@ class QueueStorage:
         """Forget the parent's connections and locks in a forked child (never close them)."""
         if self._pid == os.getpid():
             return
+        if self._owner_fd is not None:
+            # Our copy of the parent's descriptor: closing it leaves the parent's lock held
+            # (flock belongs to the open file, which the parent still has), and unlocking
+            # would release it. The child writes to a file of its own (directory.py).
+            with contextlib.suppress(OSError):
+                os.close(self._owner_fd)
+            self._owner_fd = None
         for conn in (self._writer, self._reader, *(slot.conn for slot in self._read_slots)):
             if conn is not None:
                 abandon(conn)
@@ -514,6 +577,11 @@ class QueueStorage:
         except sqlite3.Error:
             lost = None
         abandon(conn)
+        if not self.create and not lost and not os.path.lexists(self._path_str):
+            # Another process's file, removed once empty (by its owner or a flusher): nothing
+            # lost. The owner of the queue (directory.py) forgets it.
+            self._ready = False
+            raise StorageUnavailableError(f"{self.path} was removed", path=self._path_str)
         if file_id is not None and file_id != self._recovered_id:
             # Reported once per file, though the writer and the flusher both notice it.
             self._recovered_id = file_id
@@ -577,7 +645,7 @@ class QueueStorage:
             with _stamped(self._reader_id):
                 yield conn
 
-    def _peek(self, sql: str) -> Any:
+    def _peek(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """The first row of a read-only query (None if none), on a reading connection.
 
         Never waits for the writers' or the flusher's lock (module docstring), except when
@@ -590,12 +658,12 @@ class QueueStorage:
         slot = self._read_slots[threading.current_thread() is threading.main_thread()]
         with slot.lock:
             if slot.busy:
-                return self._peek_apart(sql)
+                return self._peek_apart(sql, params)
             slot.busy = True
             try:
                 conn = self._slot_connection(slot)
                 try:
-                    return conn.execute(sql).fetchone()
+                    return conn.execute(sql, params).fetchone()
                 except sqlite3.DatabaseError as exc:
                     raise translate(exc, self.path) from exc
             finally:
@@ -622,11 +690,11 @@ class QueueStorage:
         slot.conn, slot.file_id = conn, file_identity(self._path_str)
         return conn
 
-    def _peek_apart(self, sql: str) -> Any:
+    def _peek_apart(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """`_peek` on a connection of its own, closed after the read."""
         conn = self._connect_existing()
         try:
-            return conn.execute(sql).fetchone()
+            return conn.execute(sql, params).fetchone()
         except sqlite3.DatabaseError as exc:
             raise translate(exc, self.path) from exc
         finally:

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from .config import Config
+from .directory import QueueDirectory
 from .errors import (
     DurableAnalyticsError,
     QueueCorruptError,
@@ -52,7 +53,6 @@ from .errors import (
 )
 from .events import EncodedEvent
 from .flusher import Flusher
-from .queue import SQLiteQueue
 from .stats import Stats
 
 __all__ = ["Writer", "with_events"]
@@ -74,7 +74,7 @@ class Writer:
 
     def __init__(
         self,
-        queue: SQLiteQueue,
+        queue: QueueDirectory,
         flusher: Flusher,
         config: Config,
         stats: Stats,

@@ -1,0 +1,506 @@
+"""One app's queue: a directory of SQLite files, one per writing process.
+
+Each process appends to a file of its own, ``events-<pid>-<16 hex>.db``, so the processes of a
+web server never wait for each other's write lock on the `track()` path (issue 12 measured
+the shared file's busy handler at 55-63 % of the time in `track()` with four workers). Next to
+it the process holds ``events-<pid>-<hex>.lock`` with ``flock`` for its whole life: the kernel
+releases it when the process dies, however it dies, and a process id reused later can't
+name the file because of the random part. 0.1's single ``queue.db`` is read like a file whose
+writer died, and never written.
+
+The flusher that holds the app's flush lock ships from every file: round-robin, one batch per
+file in turn, oldest first within a file (rowid order). A file whose owner is dead is removed
+once it is empty: its dead letters and checkpoints move into the flusher's own file first
+(a checkpoint keeps its newest value), then the database, its ``-wal`` and ``-shm``, and last
+the lock file. A live owner removes its own file at a clean close when it is empty and it can
+take the flush lock; otherwise the next flusher does. ``queue.db`` is drained but kept: a 0.1
+process may still have it open.
+
+`QueueDirectory` offers the queue operations the client, its writer and its flusher use, on
+`SQLiteQueue` files (queue.py): writes go to this process's own file; reads and the flusher's
+acknowledgements go to the file each event came from (`QueuedEvent.source`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import filelock
+
+from .errors import QueueCorruptError, StorageError, StorageUnavailableError
+from .events import EncodedEvent
+from .paths import (
+    DB_NAME,
+    FLUSH_LOCK_NAME,
+    create_private_file,
+    flush_lock,
+    lock_path_of,
+    owner_pid,
+    queue_files,
+    writer_file_name,
+)
+from .queue import QueuedEvent, SQLiteQueue
+from .recovery import FileId
+
+__all__ = ["Marks", "QueueDirectory"]
+
+#: Per file (by name), the newest event id at some moment: what `flush()` waits for.
+Marks = dict[str, int]
+
+
+class QueueDirectory:
+    """The queue of one app, across the files of its directory (see the module docstring).
+
+    Raises what `SQLiteQueue` raises for this process's own file, and `QueueMismatchError` if
+    a file already in the directory belongs to another app.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        app_id: str,
+        *,
+        durability: Literal["process", "power"] = "process",
+        busy_timeout: float = 5.0,
+        max_size: int | None = None,
+        writer_checkpoints: bool = True,
+        self_heal: bool = False,
+    ) -> None:
+        self.directory = Path(os.path.abspath(directory))
+        self.app_id = app_id
+        self._busy_timeout = busy_timeout
+        self._own_options: dict[str, Any] = {
+            "durability": durability,
+            "busy_timeout": busy_timeout,
+            "max_size": max_size,
+            "writer_checkpoints": writer_checkpoints,
+            "self_heal": self_heal,
+        }
+        self._self_heal = self_heal
+        #: What the files recovered from, oldest first, for the owner to pop and report.
+        self.incidents: collections.deque[StorageError] = collections.deque()
+        self._pid = os.getpid()
+        self._guard = threading.RLock()
+        # Every file we have open, by name; our own among them.
+        self._files: dict[str, SQLiteQueue] = {}
+        self._turn = 0
+        # True once close() removed our (empty) file: a later write makes a new one.
+        self._retired = False
+        self._own = self._open_own()
+        self._scan()
+
+    # --- this process's own file --------------------------------------------------------
+
+    def _open_own(self) -> SQLiteQueue:
+        name = writer_file_name(os.getpid(), secrets.token_hex(8))
+        queue = SQLiteQueue(self.directory, self.app_id, name=name, owned=True, **self._own_options)
+        self._adopt(queue)
+        return queue
+
+    def _adopt(self, queue: SQLiteQueue) -> None:
+        # One deque for every file's incidents, so the owner reports them in one place.
+        self.incidents.extend(queue.incidents)
+        queue.incidents = self.incidents
+        self._files[queue.path.name] = queue
+
+    @property
+    def own(self) -> SQLiteQueue:
+        """This process's own file (a forked child makes its own at first use)."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        if self._retired:
+            with self._guard:
+                if self._retired:
+                    self._own = self._open_own()
+                    self._retired = False
+        return self._own
+
+    @property
+    def busy_timeout(self) -> float:
+        """How long a write waits for SQLite's lock (the flusher's, on our own file)."""
+        return self._busy_timeout
+
+    @busy_timeout.setter
+    def busy_timeout(self, value: float) -> None:
+        # Connections pick it up when they next open (tests shorten it, then close()).
+        self._busy_timeout = self._own_options["busy_timeout"] = value
+        for queue in list(self._files.values()):
+            queue.busy_timeout = value
+
+    @property
+    def path(self) -> Path:
+        """This process's own queue file."""
+        return self.own.path
+
+    @property
+    def unavailable(self) -> StorageUnavailableError | None:
+        """Why this process's own file could not be opened yet, or None once open."""
+        return self.own.unavailable
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's file is the parent's; write to a new one.
+
+        The parent's connections were closed or abandoned by the storage's own fork hooks;
+        here the child forgets every file and opens its own. Creating it may fail (disk full):
+        then the queue stays closed and retries, as at construction.
+        """
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._guard = threading.RLock()
+        self._files = {}
+        self._turn = 0
+        self._retired = False
+        self._own = self._open_own()
+
+    # --- the writer's side: this process's own file -------------------------------------
+
+    def append(self, event: EncodedEvent, *, deadline: float | None = None) -> int:
+        """`SQLiteQueue.append` on this process's own file."""
+        own = self._own if self._pid == os.getpid() and not self._retired else self.own
+        return own.append(event, deadline=deadline)
+
+    def append_many(
+        self,
+        events: Sequence[EncodedEvent],
+        checkpoints: Mapping[str, str] | None = None,
+        *,
+        deadline: float | None = None,
+        require_room: bool = False,
+    ) -> int:
+        """`SQLiteQueue.append_many` on this process's own file."""
+        return self.own.append_many(
+            events, checkpoints, deadline=deadline, require_room=require_room
+        )
+
+    def room(self) -> int | None:
+        """How many more events this process may queue before its cap (None: no cap)."""
+        return self.own.room()
+
+    def quarantine(self, error: QueueCorruptError) -> None:
+        """Move the damaged file ``error`` is about aside (our own: and start it afresh)."""
+        with self._guard:
+            queue = self._file_of(error.file_id) if error.file_id is not None else None
+            if queue is None and error.path is not None:
+                queue = self._files.get(Path(error.path).name)
+            if queue is None:
+                queue = self.own
+            queue.quarantine(error)
+            if queue is not self._own:
+                self._forget(queue)
+
+    def checkpoint_value(self, name: str) -> str | None:
+        """The newest committed value of checkpoint ``name`` in any file of the queue.
+
+        A job re-run after a crash finds the value its dead predecessor committed (in that
+        process's file, until the flusher moves it into its own); the newest ``updated_at``
+        wins, and our own file wins a tie.
+        """
+        best: tuple[str, str] | None = None
+        if not self._retired:
+            best = self.own.checkpoint_entry(name)
+        for queue in self._scanned():
+            if queue is self._own:
+                continue
+            try:
+                entry = queue.checkpoint_entry(name)
+            except StorageError:
+                continue  # a file going away or damaged: the flusher deals with it
+            if entry is not None and (best is None or entry[1] > best[1]):
+                best = entry
+        return None if best is None else best[0]
+
+    # --- every file ---------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Open the files that appeared in the directory, forget those that went away."""
+        with self._guard:
+            present = {path.name for path in queue_files(self.directory)}
+            for name in list(self._files):
+                if name not in present and self._files[name] is not self._own:
+                    self._forget(self._files[name])
+            for name in present:
+                if name not in self._files:
+                    self._open_other(name)
+
+    def _open_other(self, name: str) -> None:
+        try:
+            queue = SQLiteQueue(
+                self.directory,
+                self.app_id,
+                name=name,
+                create=False,
+                busy_timeout=self._busy_timeout,
+                writer_checkpoints=False,
+                self_heal=self._self_heal,
+            )
+        except (StorageUnavailableError, FileNotFoundError):
+            return  # removed between the listing and the open, or not openable now
+        except QueueCorruptError as exc:
+            if not self._self_heal:
+                raise
+            self.incidents.append(exc)
+            return
+        self._adopt(queue)
+
+    def _forget(self, queue: SQLiteQueue) -> None:
+        self._files.pop(queue.path.name, None)
+        queue.close(timeout=0)
+
+    def _scanned(self) -> list[SQLiteQueue]:
+        self._scan()
+        with self._guard:
+            return list(self._files.values())
+
+    def _file_of(self, source: FileId | None) -> SQLiteQueue | None:
+        for queue in list(self._files.values()):
+            if queue.file_id == source:
+                return queue
+        return None
+
+    def _each(self, queues: Sequence[SQLiteQueue]) -> Iterator[SQLiteQueue]:
+        """``queues``, skipping (and forgetting) another process's file that went away."""
+        for queue in queues:
+            if queue is not self._own and not queue.path.exists():
+                with self._guard:
+                    self._forget(queue)
+                continue
+            yield queue
+
+    def depth(self, *, for_flusher: bool = False) -> int:
+        """Events waiting in every file of the queue: O(1) per file."""
+        total = 0
+        for queue in self._each(self._scanned()):
+            try:
+                total += queue.depth(for_flusher=for_flusher)
+            except StorageError:
+                if queue is self._own:
+                    raise
+                # Another process's file going away, or damaged: the flusher handles it.
+        return total
+
+    def marks(self) -> Marks:
+        """The newest event id of every file now: `reached` says when they have all gone."""
+        marks: Marks = {}
+        for queue in self._each(self._scanned()):
+            try:
+                marks[queue.path.name] = queue.last_id()
+            except StorageError:
+                if queue is self._own:
+                    raise
+        return marks
+
+    def reached(self, marks: Mapping[str, int]) -> bool:
+        """True when no file holds an event at or below its mark any more."""
+        for name, mark in marks.items():
+            queue = self._files.get(name)
+            if queue is None:
+                continue  # removed: it was empty
+            try:
+                head = queue.head()
+            except StorageError:
+                if queue is self._own:
+                    raise
+                continue
+            if head is not None and head[0] <= mark:
+                return False
+        return True
+
+    def head(self) -> tuple[int, str] | None:
+        """(id, created_at) of the oldest pending event of any file (ids are per file)."""
+        oldest: tuple[int, str] | None = None
+        for queue in self._each(self._scanned()):
+            try:
+                head = queue.head()
+            except StorageError:
+                continue
+            if head is not None and (oldest is None or head[1] < oldest[1]):
+                oldest = head
+        return oldest
+
+    def wal_size(self) -> int:
+        """The largest ``-wal`` of the queue's files."""
+        with self._guard:
+            return max((queue.wal_size() for queue in self._files.values()), default=0)
+
+    def file_size(self) -> int:
+        """Bytes on disk, every file with its WAL."""
+        with self._guard:
+            return sum(queue.file_size() for queue in self._files.values())
+
+    # --- the flusher's side -------------------------------------------------------------
+
+    def read_batch(
+        self,
+        max_count: int,
+        max_bytes: int,
+        unreadable: list[tuple[str, str]] | None = None,
+    ) -> list[QueuedEvent]:
+        """The oldest events of the next file in turn that has any (see the module docstring).
+
+        Round-robin so that a large backlog left by a dead process never starves the live
+        processes' new events, and the other way round.
+        """
+        queues = list(self._each(self._scanned()))
+        for step in range(len(queues)):
+            queue = queues[(self._turn + step) % len(queues)]
+            if queue.depth(for_flusher=True) <= 0:
+                continue
+            batch = queue.read_batch(max_count, max_bytes, unreadable)
+            if batch:
+                self._turn = (self._turn + step + 1) % len(queues)
+                return batch
+        return []
+
+    def _source(self, source: FileId | None) -> SQLiteQueue | None:
+        return self._own if source is None else self._file_of(source)
+
+    def delete(self, ids: Sequence[int], *, source: FileId | None = None) -> int:
+        """Acknowledge delivered events in the file they were read from."""
+        queue = self._source(source)
+        return 0 if queue is None else queue.delete(ids, source=source)
+
+    def add_attempt(self, ids: Sequence[int], *, source: FileId | None = None) -> None:
+        """Count one failed delivery attempt against these events, in their file."""
+        queue = self._source(source)
+        if queue is not None:
+            queue.add_attempt(ids, source=source)
+
+    def move_to_dead_letter(
+        self,
+        ids: Sequence[int],
+        reason: str,
+        status_code: int | None,
+        *,
+        source: FileId | None = None,
+        response: str | None = None,
+    ) -> int:
+        """Move refused events into their own file's ``dead_letter``."""
+        queue = self._source(source)
+        if queue is None:
+            return 0
+        return queue.move_to_dead_letter(ids, reason, status_code, source=source, response=response)
+
+    def checkpoint(self, *, restart: bool = True, min_bytes: int = 0) -> bool:
+        """Checkpoint the WAL of every file that has ``min_bytes`` or more; False if any kept
+        frames (see `SQLiteQueue.checkpoint`)."""
+        done = True
+        with self._guard:
+            queues = list(self._files.values())
+        for queue in self._each(queues):
+            if queue.wal_size() >= max(min_bytes, 1):
+                done = queue.checkpoint(restart=restart) and done
+        return done
+
+    def compact(self) -> None:
+        """Give disk space back after a drain; remove drained files of dead processes."""
+        self.remove_dead_files()
+        with self._guard:
+            queues = list(self._files.values())
+        for queue in self._each(queues):
+            queue.compact()
+
+    def remove_dead_files(self) -> int:
+        """Remove every empty file whose owner is dead; returns how many (flusher only).
+
+        The caller holds the flush lock, so no other process's flusher reads these files.
+        """
+        removed = 0
+        for queue in list(self._each(self._scanned())):
+            if queue is self._own or queue.path.name == DB_NAME:
+                continue
+            with _owner_gone(queue.path) as gone:
+                if not gone:
+                    continue
+                try:
+                    if queue.depth(for_flusher=True) > 0:
+                        continue
+                    self._own.absorb(queue)
+                except StorageError:
+                    continue  # tried again after the next drain
+                with self._guard:
+                    self._forget(queue)
+                _unlink_files(queue.path)
+                removed += 1
+        return removed
+
+    def close(self, *, timeout: float | None = None) -> bool:
+        """Close every file; remove our own if it is empty and nobody else is flushing."""
+        with self._guard:
+            queues = list(self._files.values())
+        closed = True
+        for queue in queues:
+            if queue is not self._own:
+                closed = queue.close(timeout=timeout) and closed
+        own = self._own
+        if self._retired:
+            return closed
+        if self._pid == os.getpid() and own.removable():
+            lock = flush_lock(self.directory)
+            with contextlib.suppress(OSError, StorageError, filelock.Timeout):
+                create_private_file(self.directory / FLUSH_LOCK_NAME)
+                lock.acquire(timeout=0)
+            if lock.is_locked:
+                try:
+                    if own.close(timeout=timeout):
+                        with self._guard:
+                            self._files.pop(own.path.name, None)
+                            self._retired = True
+                        _unlink_files(own.path)
+                        own.drop_owner_lock(unlink=True)
+                        return closed
+                finally:
+                    lock.release()
+        return own.close(timeout=timeout) and closed
+
+
+@contextlib.contextmanager
+def _owner_gone(db: Path) -> Iterator[bool]:
+    """Whether the writer of ``db`` is dead; while True, its lock is held by us."""
+    lock = lock_path_of(db)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # No lock file: created before its lock (a crash in between), or deleted by hand.
+        # Only the process id can tell; a reused id keeps the file until that process ends.
+        yield not _pid_alive(owner_pid(db))
+        return
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False  # held: its owner lives
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink_files(db: Path) -> None:
+    """Remove a drained writer file: the database first, then its WAL, index and lock."""
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), lock_path_of(db)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
