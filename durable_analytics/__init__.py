@@ -37,7 +37,7 @@ from .errors import (
     TransportError,
     ValidationError,
 )
-from .paths import state_dir
+from .queue.paths import state_dir
 from .stats import DroppedCounts, StatsSnapshot
 from .transport import HTTPTransport, InMemoryTransport, Transport, TransportResponse
 

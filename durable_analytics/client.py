@@ -33,7 +33,6 @@ from . import signals
 from ._version import __version__
 from .batch import Batch
 from .config import Config, default_persistence_dir
-from .directory import QueueDirectory
 from .errors import (
     ClosedError,
     ConfigurationError,
@@ -55,7 +54,8 @@ from .events import (
 )
 from .flusher import Flusher
 from .methods import EventMethods
-from .paths import ensure_private_dir
+from .queue import QueueDirectory
+from .queue.paths import ensure_private_dir
 from .stats import Stats, StatsSnapshot
 from .transport import HTTPTransport, Transport
 from .writing import Writer, with_events

@@ -40,7 +40,6 @@ from typing import Any
 import filelock
 
 from .config import Config
-from .directory import Marks, QueueDirectory
 from .errors import (
     AuthenticationError,
     DeliveryError,
@@ -51,8 +50,8 @@ from .errors import (
     StorageError,
     TransportError,
 )
-from .paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
-from .queue import QueuedEvent, decode_payload
+from .queue import Marks, QueuedEvent, QueueDirectory, decode_payload
+from .queue.paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
 from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
 from .stats import Stats
 from .transport import SendFailed, Transport, to_segment

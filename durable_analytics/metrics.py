@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from .errors import DurableAnalyticsError
-from .reader import QueueReader, open_reader
+from .queue.reader import QueueReader, open_reader
 from .stats import DROP_REASONS, REQUEST_OUTCOMES, LatencyHistogram, parse_created_at
 
 if TYPE_CHECKING:

@@ -42,7 +42,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from .config import Config
-from .directory import QueueDirectory
 from .errors import (
     DurableAnalyticsError,
     QueueCorruptError,
@@ -53,6 +52,7 @@ from .errors import (
 )
 from .events import EncodedEvent
 from .flusher import Flusher
+from .queue import QueueDirectory
 from .stats import Stats
 
 __all__ = ["Writer", "with_events"]

@@ -35,10 +35,10 @@ from durable_analytics.cli import cli
 from durable_analytics.cli import dead_letters as cli_dead_letters
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
-from durable_analytics.migrations import SCHEMA_VERSION
-from durable_analytics.paths import state_dir
 from durable_analytics.queue import SQLiteQueue
-from durable_analytics.reader import open_reader
+from durable_analytics.queue.migrations import SCHEMA_VERSION
+from durable_analytics.queue.paths import state_dir
+from durable_analytics.queue.reader import open_reader
 
 APP = "test-app"
 DEADLINE = 30.0  # per wait; only reached when something is broken
@@ -119,7 +119,7 @@ class Lines:
 LOCK_HOLDER = """
 import sys, filelock
 from pathlib import Path
-from durable_analytics.paths import create_private_file
+from durable_analytics.queue.paths import create_private_file
 path = Path(sys.argv[1]) / "flush.lock"
 create_private_file(path)
 lock = filelock.FileLock(str(path), timeout=0, thread_local=False, preserve_lock_file=True,

@@ -38,8 +38,8 @@ from durable_analytics.errors import (
     StorageUnavailableError,
     UnsafePathError,
 )
-from durable_analytics.paths import network_filesystem
 from durable_analytics.queue import SQLiteQueue
+from durable_analytics.queue.paths import network_filesystem
 
 WORKERS = Path(__file__).with_name("workers")
 IS_ROOT = os.geteuid() == 0
@@ -541,7 +541,7 @@ def test_queue_on_a_network_filesystem_is_refused(
     """A persistence_dir on NFS is refused before anything is created, naming path and type."""
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/vda / ext4 rw 0 0\nsrv:/x {tmp_path / 'nfs'} nfs4 rw 0 0\n")
-    monkeypatch.setattr("durable_analytics.paths._MOUNTS", str(mounts))
+    monkeypatch.setattr("durable_analytics.queue.paths._MOUNTS", str(mounts))
     target = tmp_path / "nfs" / "queue"
     with pytest.raises(NetworkFilesystemError, match="nfs4") as info:
         Analytics(app_id="app", persistence_dir=target, send=False, handle_signals=False)

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from durable_analytics import Analytics, metrics
 from durable_analytics.cli import cli
 from durable_analytics.devtools.collector import Collector
-from durable_analytics.reader import open_reader
+from durable_analytics.queue.reader import open_reader
 from durable_analytics.stats import DROP_REASONS, LatencyHistogram, Stats, _latencies, stored_at
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

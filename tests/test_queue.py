@@ -22,7 +22,7 @@ from durable_analytics.errors import (
 )
 from durable_analytics.events import EncodedEvent
 from durable_analytics.queue import SQLiteQueue
-from durable_analytics.reader import open_reader
+from durable_analytics.queue.reader import open_reader
 
 
 def event(n: int, size: int = 0) -> EncodedEvent:
@@ -396,7 +396,7 @@ def test_one_corruption_error_moves_aside_only_the_file_it_was_raised_on(
     had returned. Now an error handled once is not handled again, and an error names the
     file it was raised on, so a fresh file that replaced it is kept."""
     from durable_analytics.errors import QueueCorruptError
-    from durable_analytics.recovery import file_identity
+    from durable_analytics.queue.recovery import file_identity
 
     queue = SQLiteQueue(queue_dir, "app", self_heal=True)
     try:

@@ -24,8 +24,8 @@ from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import QueueMismatchError
 from durable_analytics.events import EncodedEvent
-from durable_analytics.paths import queue_files, writer_file_name
 from durable_analytics.queue import SQLiteQueue
+from durable_analytics.queue.paths import queue_files, writer_file_name
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -27,8 +27,8 @@ from ..errors import (
     StorageUnavailableError,
 )
 from ..events import format_timestamp
-from ..paths import DB_NAME, state_dir
-from ..reader import EventFilter, QueueReader, open_reader, queue_exists
+from ..queue.paths import DB_NAME, state_dir
+from ..queue.reader import EventFilter, QueueReader, open_reader, queue_exists
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..queue import SQLiteQueue
-from ..reader import EventFilter
+from ..queue.reader import EventFilter
 from ._common import (
     _PAGE,
     CLIError,

@@ -10,7 +10,7 @@ import click
 
 from ..client import Analytics
 from ..config import ENV_PREFIX
-from ..reader import QueueReader, flush_lock_held
+from ..queue.reader import QueueReader, flush_lock_held
 from ._common import (
     NO_CAP,
     CLIError,

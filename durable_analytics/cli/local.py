@@ -23,7 +23,7 @@ import click
 from ..config import ENV_PREFIX
 from ..errors import DurableAnalyticsError
 from ..queue import SQLiteQueue
-from ..reader import EventFilter
+from ..queue.reader import EventFilter
 from ._common import (
     EXIT_FAILURE,
     CLIError,

@@ -14,8 +14,8 @@ import click
 from ..config import ENV_PREFIX, default_persistence_dir
 from ..errors import DurableAnalyticsError
 from ..metrics import exposition, queue_families
-from ..paths import state_root
-from ..reader import QueueReader, flush_lock_held, open_reader, queue_exists
+from ..queue.paths import state_root
+from ..queue.reader import QueueReader, flush_lock_held, open_reader, queue_exists
 from ._common import QueueTarget, _echo_json, _json_flag, _print_table, _queue_options, _Settings
 
 # --- formatting ------------------------------------------------------------------------------

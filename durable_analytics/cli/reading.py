@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import click
 
 from ..queue import DeadLetter
-from ..reader import EventFilter, PendingEvent, QueueReader, StoredDeadLetter
+from ..queue.reader import EventFilter, PendingEvent, QueueReader, StoredDeadLetter
 from ._common import (
     _PAGE,
     CLIError,

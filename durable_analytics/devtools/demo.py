@@ -32,8 +32,8 @@ from typing import IO, Any, Protocol
 
 from ..client import Analytics
 from ..config import ENV_PREFIX
-from ..paths import DB_NAME, ensure_private_dir
-from ..reader import open_reader
+from ..queue.paths import DB_NAME, ensure_private_dir
+from ..queue.reader import open_reader
 from .collector import Collector
 
 __all__ = ["DEMO_APP_ID", "DemoError", "DemoResult", "report", "run", "worker"]

@@ -33,14 +33,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from .errors import (
+from ..errors import (
     QueueCorruptError,
     QueueFullError,
     StorageBusyError,
     StorageError,
     StorageUnavailableError,
 )
-from .events import EncodedEvent, format_timestamp
+from ..events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
 from .storage import SELECT_DEPTH, QueueStorage

@@ -34,7 +34,7 @@ from pathlib import Path
 import filelock
 import platformdirs
 
-from .errors import (
+from ..errors import (
     ConfigurationError,
     NetworkFilesystemError,
     StorageUnavailableError,
@@ -138,7 +138,7 @@ def state_dir(app_id: str) -> Path:
 
     :raises ConfigurationError: ``app_id`` is not a valid app id (``[A-Za-z0-9._-]{1,128}``).
     """
-    from .config import APP_ID_RE  # config.py may come to import this module
+    from ..config import APP_ID_RE  # config.py may come to import this module
 
     if not isinstance(app_id, str) or not APP_ID_RE.fullmatch(app_id) or app_id in (".", ".."):
         raise ConfigurationError("app_id", f"{app_id!r} must match [A-Za-z0-9._-]{{1,128}}")

@@ -35,8 +35,9 @@ from typing import Any, Literal
 
 import filelock
 
-from .errors import QueueCorruptError, StorageError, StorageUnavailableError
-from .events import EncodedEvent
+from ..errors import QueueCorruptError, StorageError, StorageUnavailableError
+from ..events import EncodedEvent
+from .file import QueuedEvent, SQLiteQueue
 from .paths import (
     DB_NAME,
     FLUSH_LOCK_NAME,
@@ -47,10 +48,12 @@ from .paths import (
     queue_files,
     writer_file_name,
 )
-from .queue import QueuedEvent, SQLiteQueue
 from .recovery import FileId
 
 __all__ = ["Marks", "QueueDirectory"]
+
+# How often `checkpoint_value` reads again when files vanish under it.
+_CHECKPOINT_PASSES = 3
 
 #: Per file (by name), the newest event id at some moment: what `flush()` waits for.
 Marks = dict[str, int]
@@ -204,18 +207,33 @@ class QueueDirectory:
         process's file, until the flusher moves it into its own); the newest ``updated_at``
         wins, and our own file wins a tie.
         """
-        best: tuple[str, str] | None = None
-        if not self._retired:
-            best = self.own.checkpoint_entry(name)
-        for queue in self._scanned():
-            if queue is self._own:
-                continue
-            try:
-                entry = queue.checkpoint_entry(name)
-            except StorageError:
-                continue  # a file going away or damaged: the flusher deals with it
-            if entry is not None and (best is None or entry[1] > best[1]):
-                best = entry
+        # A flusher copies a dead file's checkpoints into its own file before it removes the
+        # dead one: a pass that saw a file vanish may have read the copy's file too early, so
+        # it reads again (the copy is then in a file that stays).
+        for _ in range(_CHECKPOINT_PASSES):
+            best: tuple[str, str] | None = None
+            vanished = False
+            for queue in self._scanned():
+                if queue is self._own and self._retired:
+                    continue
+                try:
+                    entry = queue.checkpoint_entry(name)
+                except StorageError:
+                    if queue is self._own:
+                        raise
+                    vanished = True
+                    continue
+                if entry is None:
+                    continue
+                # The newest wins; on a tie our own file's (a copy moved into it is older).
+                if (
+                    best is None
+                    or entry[1] > best[1]
+                    or (queue is self._own and entry[1] == best[1])
+                ):
+                    best = entry
+            if not vanished:
+                break
         return None if best is None else best[0]
 
     # --- every file ---------------------------------------------------------------------

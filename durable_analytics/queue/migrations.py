@@ -15,7 +15,7 @@ import sqlite3
 
 import sqlite_utils
 
-from .errors import SchemaTooNewError
+from ..errors import SchemaTooNewError
 
 __all__ = ["SCHEMA_VERSION", "apply", "check_version"]
 

@@ -28,8 +28,9 @@ from typing import Any, Final
 
 import filelock
 
+from ..errors import QueueMismatchError, StorageUnavailableError
 from . import migrations
-from .errors import QueueMismatchError, StorageUnavailableError
+from .file import COUNT_DEAD_LETTERS, SELECT_HEAD, SELECT_LAST_ID, DeadLetter
 from .paths import (
     DB_NAME,
     FLUSH_LOCK_NAME,
@@ -38,7 +39,6 @@ from .paths import (
     file_size,
     flush_lock,
 )
-from .queue import COUNT_DEAD_LETTERS, SELECT_HEAD, SELECT_LAST_ID, DeadLetter
 from .recovery import translate
 from .storage import SELECT_DEPTH
 

@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import (
+from ..errors import (
     QueueCorruptError,
     QueueReplacedError,
     StorageBusyError,

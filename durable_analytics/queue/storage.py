@@ -42,15 +42,15 @@ from urllib.parse import quote
 
 import filelock
 
-from . import migrations
-from .errors import (
+from ..errors import (
     QueueCorruptError,
     QueueMismatchError,
     StorageBusyError,
     StorageError,
     StorageUnavailableError,
 )
-from .events import format_timestamp
+from ..events import format_timestamp
+from . import migrations
 from .paths import (
     DB_NAME,
     INIT_LOCK_NAME,
