@@ -32,18 +32,19 @@ def _has_table(conn: sqlite3.Connection, table: str) -> bool:
 
 
 def rows(
-    queue_dir: Path, sql: str, params: Sequence[Any] = (), *, table: str = "events"
+    queue_dir: Path, sql: str, params: Sequence[Any] = (), *, table: str | None = "events"
 ) -> list[tuple[Any, ...]]:
     """Run the SELECT ``sql`` on every queue file of ``queue_dir``; the rows, file after file.
 
     Files come in `queue_files` order; a file without ``table`` is skipped (so a query on
-    ``dead_letter`` or ``checkpoints`` passes ``table=`` accordingly).
+    ``dead_letter`` or ``checkpoints`` passes ``table=`` accordingly; None runs it on every
+    file).
     """
     found: list[tuple[Any, ...]] = []
     for db in queue_files(queue_dir):
         conn = _connect_ro(db)
         try:
-            if _has_table(conn, table):
+            if table is None or _has_table(conn, table):
                 found.extend(tuple(row) for row in conn.execute(sql, tuple(params)).fetchall())
         finally:
             conn.close()
@@ -87,3 +88,8 @@ def checkpoint(queue_dir: Path, name: str) -> str | None:
 def queued(client: Analytics) -> list[dict[str, Any]]:
     """The events waiting in the client's queue directory (every file), oldest first, as stored."""
     return pending_payloads(client.queue_path.parent)
+
+
+def quick_checks(queue_dir: Path) -> list[str]:
+    """``PRAGMA quick_check``'s verdict on each queue file of ``queue_dir`` ("ok" when sound)."""
+    return [str(verdict) for (verdict,) in rows(queue_dir, "PRAGMA quick_check", table=None)]
