@@ -93,3 +93,11 @@ def queued(client: Analytics) -> list[dict[str, Any]]:
 def quick_checks(queue_dir: Path) -> list[str]:
     """``PRAGMA quick_check``'s verdict on each queue file of ``queue_dir`` ("ok" when sound)."""
     return [str(verdict) for (verdict,) in rows(queue_dir, "PRAGMA quick_check", table=None)]
+
+
+def sole_queue_file(queue_dir: Path) -> Path:
+    """The one queue file of ``queue_dir``, for a test that wrote it with one client and now
+    changes it by hand (0.1's ``queue.db`` before issue 12, that client's own file after)."""
+    files = queue_files(queue_dir)
+    assert len(files) == 1, f"expected one queue file in {queue_dir}, found {files}"
+    return files[0]
