@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from queue_contents import queued
+from queue_contents import pending_count, queued
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -388,11 +387,7 @@ asyncio.run(main())
     )
     assert proc.returncode == 0, proc.stderr
     assert [e["event"] for e in collector.events] == ["last words"]
-    db = sqlite3.connect(queue_dir / "queue.db")
-    try:
-        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
-    finally:
-        db.close()
+    assert pending_count(queue_dir) == 0
 
 
 # --- under a real server ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import queue_contents
 
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ClosedError, QueueFullError, StorageError, ValidationError
@@ -21,9 +22,11 @@ JOB = Path(__file__).with_name("workers") / "import_job.py"
 
 
 def rows(queue_dir: Path, table: str = "events") -> list[str]:
-    """message_ids in a table of the queue file, oldest first (plain sqlite3)."""
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        return [m for (m,) in conn.execute(f"SELECT message_id FROM {table} ORDER BY id")]
+    """message_ids in a table of the queue's files, oldest first in each (plain sqlite3)."""
+    found = queue_contents.rows(
+        queue_dir, f"SELECT message_id FROM {table} ORDER BY id", table=table
+    )
+    return [m for (m,) in found]
 
 
 def test_a_batch_commits_events_and_checkpoint_together(make_client: Any, queue_dir: Path) -> None:
@@ -180,7 +183,7 @@ def test_a_batch_the_disk_refuses_raises_instead_of_being_dropped_quietly(
     batch's commit raises (and is counted), where a lone track() would only count it."""
     client = make_client(send=False)
     client.track("u1", "first")
-    with sqlite3.connect(queue_dir / "queue.db", isolation_level=None) as blocker:
+    with sqlite3.connect(client.queue_path, isolation_level=None) as blocker:
         blocker.execute("BEGIN IMMEDIATE")
         client._queue.busy_timeout = 0.05
         client._queue.close()
@@ -226,9 +229,8 @@ def test_a_job_killed_at_random_and_resumed_neither_loses_nor_duplicates(
     ids = rows(queue_dir)
     assert len(ids) == len(set(ids)) == total
     assert sorted(ids) == [f"row-{n:07d}" for n in range(total)]
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        (value,) = conn.execute("SELECT value FROM checkpoints WHERE name = 'import'").fetchone()
-        first = json.loads(conn.execute("SELECT payload FROM events LIMIT 1").fetchone()[0])
+    value = queue_contents.checkpoint(queue_dir, "import")
+    first = queue_contents.pending_payloads(queue_dir)[0]
     assert value == str(total)
     assert first["timestamp"] == "2024-01-01T00:00:00.000Z"
 

@@ -27,7 +27,9 @@ from typing import Any
 
 import click
 import pytest
+import queue_contents
 from click.testing import CliRunner, Result
+from queue_contents import sole_queue_file
 
 from durable_analytics import Analytics
 from durable_analytics.cli import _common as cli_common
@@ -396,7 +398,7 @@ def test_a_symlinked_queue_directory_exits_5(tmp_path: Path) -> None:
 def test_a_newer_schema_exits_5(queue_dir: Path) -> None:
     """A queue written by a newer durable_analytics is refused (exit 5) and left alone."""
     fill(queue_dir, 1)
-    conn = sqlite3.connect(queue_dir / "queue.db")
+    conn = sqlite3.connect(sole_queue_file(queue_dir))
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     result = run("status", "--dir", str(queue_dir))
@@ -407,7 +409,7 @@ def test_a_newer_schema_exits_5(queue_dir: Path) -> None:
 def test_a_locked_queue_exits_4(queue_dir: Path) -> None:
     """A queue another connection holds exclusively is 'busy' (exit 4) after --lock-timeout."""
     fill(queue_dir, 1)
-    holder = sqlite3.connect(queue_dir / "queue.db", isolation_level=None)
+    holder = sqlite3.connect(sole_queue_file(queue_dir), isolation_level=None)
     try:
         holder.execute("PRAGMA locking_mode = EXCLUSIVE")
         holder.execute("BEGIN EXCLUSIVE")
@@ -486,9 +488,9 @@ def test_export_payload_only_is_the_stored_event_verbatim(queue_dir: Path) -> No
     """--payload-only prints each stored payload byte for byte (what the layers body carries)."""
     fill(queue_dir, 3)
     result = run("export", "--dir", str(queue_dir), "--payload-only")
-    conn = sqlite3.connect(queue_dir / "queue.db")
-    stored = [row[0] for row in conn.execute("SELECT payload FROM events ORDER BY id")]
-    conn.close()
+    stored = [
+        row[0] for row in queue_contents.rows(queue_dir, "SELECT payload FROM events ORDER BY id")
+    ]
     assert result.stdout.splitlines() == stored
 
 
@@ -1023,7 +1025,7 @@ BAD_PAYLOADS = {  # id: (SQL value, what the CLI says about it)
 
 def spoil_payloads(directory: Path, table: str = "events") -> None:
     """Overwrite the payloads of rows 2-4 by hand, as a damaged disk or an operator might."""
-    conn = sqlite3.connect(directory / "queue.db")
+    conn = sqlite3.connect(sole_queue_file(directory))
     try:
         for row_id, (value, _) in BAD_PAYLOADS.items():
             conn.execute(f"UPDATE {table} SET payload = {value} WHERE id = ?", (row_id,))
@@ -1108,7 +1110,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
 def test_text_columns_with_invalid_utf8_do_not_stop_a_listing(queue_dir: Path) -> None:
     """A hand-written event name that is not UTF-8 shows as U+FFFD in status and peek."""
     fill(queue_dir, 2)
-    conn = sqlite3.connect(queue_dir / "queue.db")
+    conn = sqlite3.connect(sole_queue_file(queue_dir))
     conn.execute("UPDATE events SET event = CAST(X'6261FF' AS TEXT) WHERE id = 1")
     conn.commit()
     conn.close()

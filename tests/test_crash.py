@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from queue_contents import quick_checks
 
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
@@ -100,7 +101,4 @@ def test_sigkill_while_persisting_only_then_restart(tmp_path: Path) -> None:
         received = collector.message_ids()
     assert set(returned) <= set(received)
     assert len(received) == len(set(received))
-    import sqlite3
-
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert all(verdict == "ok" for verdict in quick_checks(queue_dir))

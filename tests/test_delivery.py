@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from queue_contents import dead_letters as dead_letters_in
+from queue_contents import pending_count, rows
 
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
@@ -29,11 +31,8 @@ from durable_analytics.errors import (
 )
 
 
-def dead_letters(client: Analytics) -> list[tuple[str, str, int | None]]:
-    with sqlite3.connect(client.queue_path) as conn:
-        return conn.execute(
-            "SELECT message_id, reason, status_code FROM dead_letter ORDER BY id"
-        ).fetchall()
+def dead_letters(client: Analytics) -> list[tuple[Any, ...]]:
+    return dead_letters_in(client.queue_path.parent, "message_id, reason, status_code")
 
 
 def test_layers_batch_reaches_the_collector(make_client: Any, collector: Collector) -> None:
@@ -367,8 +366,7 @@ def test_events_hold_only_json_in_payload(make_client: Any, collector: Collector
     """What the collector receives for an event equals the stored payload, byte for byte."""
     client = make_client(base_url=collector.url, gzip=True)
     client.track("u", "naïve ✓", {"emoji": "🎉", "rtl": "مرحبا"})
-    with sqlite3.connect(client.queue_path) as conn:
-        (stored,) = conn.execute("SELECT payload FROM events").fetchone()
+    (stored,) = rows(client.queue_path.parent, "SELECT payload FROM events")[0]
     assert client.flush(timeout=10)
     assert collector.events == [json.loads(stored)]
     assert gzip.compress(b"") is not None
@@ -428,8 +426,7 @@ def test_event_methods_after_shutdown_raise_closed_error_and_write_nothing(
         with pytest.raises(ClosedError, match="after shutdown"):
             call()
     assert client.flush() is True
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    assert pending_count(queue_dir) == 0
     assert client.stats()["enqueued"] == 1
 
 
@@ -444,8 +441,9 @@ def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
 
 
 def pending_attempts(client: Analytics) -> list[int]:
-    with sqlite3.connect(client.queue_path) as conn:
-        return [row[0] for row in conn.execute("SELECT attempts FROM events ORDER BY id")]
+    return [
+        row[0] for row in rows(client.queue_path.parent, "SELECT attempts FROM events ORDER BY id")
+    ]
 
 
 def test_retryable_failures_are_retried_without_limit_by_default(
@@ -490,8 +488,7 @@ def test_a_stored_row_that_is_not_utf8_is_dead_lettered_and_the_rest_flow(
     good = [i for i in ids if i != bad]
     assert collector.message_ids() == good
     assert dead_letters(client) == [(bad, "unreadable_payload: invalid UTF-8", None)]
-    with sqlite3.connect(client.queue_path) as conn:
-        (raw,) = conn.execute("SELECT CAST(payload AS BLOB) FROM dead_letter").fetchone()
+    ((raw,),) = dead_letters_in(client.queue_path.parent, "CAST(payload AS BLOB)")
     assert raw == b'{"event":"\xff"}'  # the bytes as they were, for an operator to look at
     stats = client.stats()
     assert stats["dead_lettered"] == 1 and stats["delivered"] == 29
@@ -529,8 +526,7 @@ def test_dead_letters_keep_the_start_of_the_servers_answer(
     collector.respond_with(400, body=b"bad field x" + b"." * 5000)
     assert client.flush(timeout=10)
     assert dead_letters(client) == [(refused, "rejected_400", 400)]
-    with sqlite3.connect(client.queue_path) as conn:
-        (response,) = conn.execute("SELECT response FROM dead_letter").fetchone()
+    ((response,),) = dead_letters_in(client.queue_path.parent, "response")
     assert response.startswith("bad field x") and len(response) == 1024
 
 
@@ -628,10 +624,12 @@ def test_a_queue_from_before_the_response_column_is_upgraded(
     collector.respond_with(404, body="no such ingest")
     client = make_client(base_url=collector.url)
     assert client.flush(timeout=10)
-    with sqlite3.connect(client.queue_path) as conn:
+    # The file written before the upgrade (0.1's queue.db today, the old client's own file
+    # after issue 12) is the one that must have been migrated.
+    with sqlite3.connect(old.queue_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)
-        rows = conn.execute("SELECT message_id, status_code, response FROM dead_letter").fetchall()
-    assert rows == [(refused, 404, "no such ingest")]
+    found = dead_letters_in(client.queue_path.parent, "message_id, status_code, response")
+    assert found == [(refused, 404, "no such ingest")]
 
 
 def test_a_second_shutdown_waits_for_the_first_to_finish(

@@ -146,7 +146,7 @@ def make_queue(workdir: Path, app_id: str = "docs-shell") -> Path:
         queue.add_attempt([e.id for e in queue.read_batch(2, 10**7)])
     finally:
         queue.close()
-    return directory / "queue.db"
+    return client.queue_path  # the file the events above were written to
 
 
 @pytest.mark.parametrize("block", runnable("python"), ids=str)
@@ -377,7 +377,7 @@ def test_the_disk_sizing_figure_holds(tmp_path: Path) -> None:
         for i in range(count):
             properties = {"path": f"/dashboard/{i % 100}", "referrer": "https://example.com/"}
             client.track(f"user_{i}", "page_view", {**properties, "plan": "premium"})
-    conn = sqlite3.connect(tmp_path / "q" / "queue.db")
+    conn = sqlite3.connect(client.queue_path)  # the one file this client filled
     pages, size, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
                          for p in ("page_count", "page_size", "freelist_count"))  # fmt: skip
     conn.close()

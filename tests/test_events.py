@@ -7,7 +7,6 @@ import datetime as dt
 import decimal
 import enum
 import json
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from queue_contents import queued
+from queue_contents import queued, rows
 
 from durable_analytics import Analytics, ValidationError
 from durable_analytics.devtools.collector import Collector
@@ -385,11 +384,7 @@ def test_decimal_is_a_json_number_with_the_same_digits(client: Analytics) -> Non
             "items": [decimal.Decimal("2.50"), {"tax": decimal.Decimal("1.7976931348623157E+308")}],
         },
     )
-    db = sqlite3.connect(client.queue_path)
-    try:
-        (payload,) = db.execute("SELECT payload FROM events").fetchone()
-    finally:
-        db.close()
+    (payload,) = rows(client.queue_path.parent, "SELECT payload FROM events")[0]
     assert '"price":19.99,' in payload and '"hundred":1E+2,' in payload
     assert '"exact":0.1000000000000000000000001,' in payload
     props = json.loads(payload, parse_float=decimal.Decimal)["properties"]
@@ -432,11 +427,9 @@ def test_set_user_properties_is_an_identify(make_client: Any, collector: Collect
         "$set",
         {"plan": "premium"},
     )
-    db = sqlite3.connect(client.queue_path)
-    try:
-        assert db.execute("SELECT type, event FROM events").fetchall() == [("identify", "$set")]
-    finally:
-        db.close()
+    assert rows(client.queue_path.parent, "SELECT type, event FROM events") == [
+        ("identify", "$set")
+    ]
     client.shutdown()
     sender = make_client(base_url=collector.url, protocol="segment")
     assert sender.flush(timeout=10)

@@ -236,7 +236,7 @@ def test_corrupt_queue_is_quarantined_reported_and_replaced(
     ) as old:
         for n in range(60):
             old.track("u", "e", {"marker": f"M-{n}", "pad": "p" * 400})
-    db = queue_dir / "queue.db"
+    db = old.queue_path  # the file the events were written to (0.1's queue.db, before issue 12)
     CORRUPTIONS[damage](db)
     damaged_bytes = db.read_bytes()
 
@@ -256,16 +256,16 @@ def test_corrupt_queue_is_quarantined_reported_and_replaced(
         corrupt = [e for e in heard if isinstance(e, QueueCorruptError)]
         assert len(corrupt) == 1 and corrupt[0].quarantined_to is not None
         moved = Path(corrupt[0].quarantined_to)
-        assert moved.parent == queue_dir and moved.name.startswith("queue.db.corrupt-")
+        assert moved.parent == queue_dir and moved.name.startswith(f"{db.name}.corrupt-")
         if damage != "flipped-page":
             assert moved.read_bytes() == damaged_bytes  # kept exactly as found
-        for path in queue_dir.glob("queue.db.corrupt-*"):
+        for path in queue_dir.glob(f"{db.name}.corrupt-*"):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert client.stats()["quarantined"] == 1
         mid = client.track("u", "after")
         assert client.flush(timeout=10)
         assert mid in collector.message_ids()
-        assert quick_check(db) == "ok"
+        assert quick_check(client.queue_path) == "ok"
     finally:
         client.shutdown(timeout=1)
 
@@ -282,7 +282,7 @@ def test_another_process_that_quarantines_is_followed_not_duplicated(
     ) as old:
         for n in range(60):
             old.track("u", "e", {"marker": f"M-{n}", "pad": "p" * 400})
-    _flip_event_page(queue_dir / "queue.db")
+    _flip_event_page(old.queue_path)
     writer_heard: list[DurableAnalyticsError] = []
     writer = Analytics(
         app_id="c-app",
@@ -313,7 +313,9 @@ def test_another_process_that_quarantines_is_followed_not_duplicated(
         assert sender.flush(timeout=10)
         assert set(ids) <= set(collector.message_ids())
         moved = [
-            p for p in queue_dir.glob("queue.db.corrupt-*") if p.name[-4:] not in ("-wal", "-shm")
+            p
+            for p in queue_dir.glob(f"{old.queue_path.name}.corrupt-*")
+            if p.name[-4:] not in ("-wal", "-shm")
         ]
         assert len(moved) == 1  # one quarantine, by the process that found the damage
     finally:
@@ -366,7 +368,7 @@ def test_queue_tools_get_the_error_instead_of_a_quarantine(queue_dir: Path) -> N
 # --- the file deleted under us (S8) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("victims", [("queue.db",), ("queue.db", "queue.db-wal", "queue.db-shm")])
+@pytest.mark.parametrize("victims", [("",), ("", "-wal", "-shm")])
 def test_queue_deleted_while_running_is_noticed_counted_and_replaced(
     queue_dir: Path, victims: tuple[str, ...]
 ) -> None:
@@ -386,8 +388,9 @@ def test_queue_deleted_while_running_is_noticed_counted_and_replaced(
     )
     for n in range(5):
         client.track("u", "old", {"n": n})
-    for name in victims:
-        (queue_dir / name).unlink()
+    db = client.queue_path  # the running client's own file, and its -wal/-shm
+    for suffix in victims:
+        Path(f"{db}{suffix}").unlink()
     new = [client.track("u", "new", {"n": n}) for n in range(5)]
     replaced = [e for e in heard if isinstance(e, QueueReplacedError)]
     assert len(replaced) == 1 and replaced[0].lost == 5
@@ -395,11 +398,11 @@ def test_queue_deleted_while_running_is_noticed_counted_and_replaced(
     assert client.stats()["enqueued"] == 10
     assert client.queue_depth() == 5
     client.shutdown()
-    assert pending(queue_dir / "queue.db") == new
-    assert quick_check(queue_dir / "queue.db") == "ok"
-    if victims == ("queue.db",):
+    assert pending(db) == new
+    assert quick_check(db) == "ok"
+    if victims == ("",):
         # The old -wal/-shm were set aside, not adopted by the new database.
-        assert list(queue_dir.glob("queue.db.orphan-*-wal"))
+        assert list(queue_dir.glob(f"{db.name}.orphan-*-wal"))
 
 
 # --- hostile paths ------------------------------------------------------------------------------
@@ -617,7 +620,7 @@ def test_disk_space_is_given_back_after_a_large_backlog_drains(
     for n in range(5000):
         offline.track("u", "backlog", {"n": n, "pad": "b" * 2000})
     offline.shutdown()
-    db = queue_dir / "queue.db"
+    db = offline.queue_path  # the file that holds the backlog
     assert db.stat().st_size > 10_000_000
     client = make_client(base_url=collector.url, flush_interval=0.05, max_batch_size=500)
     assert client.flush(timeout=60)
@@ -638,7 +641,7 @@ def test_shutdown_after_a_full_drain_gives_the_space_back(
     for n in range(3000):
         offline.track("u", "backlog", {"n": n, "pad": "b" * 2000})
     offline.shutdown()
-    db = queue_dir / "queue.db"
+    db = offline.queue_path  # the file that holds the backlog
     assert db.stat().st_size > 6_000_000
     client = make_client(base_url=collector.url, max_batch_size=500)
     assert client.flush(timeout=60)

@@ -7,13 +7,12 @@ import dataclasses
 import datetime as dt
 import enum
 import inspect
-import json
 import logging
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from queue_contents import pending_payloads, rows
 
 from durable_analytics import Analytics, Config
 from durable_analytics.devtools.collector import Collector
@@ -26,9 +25,8 @@ from durable_analytics.errors import (
 
 
 def stored(queue_dir: Path) -> list[dict[str, Any]]:
-    """Payloads pending in the queue file, oldest first, read with plain sqlite3."""
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        return [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events ORDER BY id")]
+    """Payloads pending in the queue's files, oldest first, read with plain sqlite3."""
+    return pending_payloads(queue_dir)
 
 
 def test_before_send_can_change_an_event_before_it_is_stored(
@@ -49,8 +47,7 @@ def test_before_send_can_change_an_event_before_it_is_stored(
     assert event["event_id"] == message_id
     assert event["event"] == "signup"
     assert event["properties"] == {"plan": "pro", "scrubbed": True}
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        assert conn.execute("SELECT event FROM events").fetchone() == ("signup",)
+    assert rows(queue_dir, "SELECT event FROM events")[0] == ("signup",)
     assert client.flush(timeout=10)
     assert collector.events[0]["properties"] == {"plan": "pro", "scrubbed": True}
 
@@ -226,6 +223,5 @@ def test_before_send_keeps_decimal_digits(make_client: Any, queue_dir: Path) -> 
 
     client = make_client(send=False, before_send=lambda e: e)
     client.track("u1", "Paid", {"amount": Decimal("12345678901234567890.10")})
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        (payload,) = conn.execute("SELECT payload FROM events").fetchone()
+    (payload,) = rows(queue_dir, "SELECT payload FROM events")[0]
     assert '"amount":12345678901234567890.10' in payload

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from queue_contents import rows
 
 from durable_analytics import Analytics, analytics_context, get_context
 from durable_analytics.devtools.collector import Collector
@@ -417,7 +417,6 @@ def test_decimals_and_sets_in_the_context_arrive_as_the_sender_would_store_them(
         app_id="celery-values", persistence_dir=tmp_path / "q", send=False, handle_signals=False
     ) as client:
         client.track("u42", "e", properties)
-        with sqlite3.connect(client.queue_path) as conn:
-            (payload,) = conn.execute("SELECT payload FROM events").fetchone()
+        (payload,) = rows(client.queue_path.parent, "SELECT payload FROM events")[0]
     assert '"amount":1.5' in payload
     assert '"tags":["a","b","c"]' in payload

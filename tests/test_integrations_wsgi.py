@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from wsgiref.util import FileWrapper, setup_testing_defaults
 
 import pytest
 import requests
-from queue_contents import queued
+from queue_contents import pending_count, queued
 
 from durable_analytics import Analytics, get_context
 from durable_analytics.devtools.collector import Collector
@@ -408,10 +407,10 @@ def test_importing_the_integrations_imports_no_framework() -> None:
 class Gunicorn:
     """A gunicorn master serving tests/apps/flask_app.py with its own queue and gate dir."""
 
-    def __init__(self, url: str, gate_dir: Path, queue_db: Path, log: Path) -> None:
+    def __init__(self, url: str, gate_dir: Path, queue_dir: Path, log: Path) -> None:
         self.url = url
         self.gate_dir = gate_dir
-        self.queue_db = queue_db
+        self.queue_dir = queue_dir
         self.log = log
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
@@ -470,7 +469,7 @@ def gunicorn(
         )
     sock.close()
     try:
-        server = Gunicorn(f"http://127.0.0.1:{port}", gate_dir, root / "queue" / "queue.db", log)
+        server = Gunicorn(f"http://127.0.0.1:{port}", gate_dir, root / "queue", log)
         try:
             assert server.get("/health").text == "ok"
         except requests.RequestException as exc:
@@ -485,15 +484,11 @@ def gunicorn(
             proc.wait(TIMEOUT)
 
 
-def wait_for_empty_queue(queue_db: Path) -> None:
-    """Poll the shared queue file until every event in it was delivered and deleted."""
+def wait_for_empty_queue(queue_dir: Path) -> None:
+    """Poll the queue's files until every event in them was delivered and deleted."""
     deadline = time.monotonic() + TIMEOUT
     while True:
-        db = sqlite3.connect(queue_db)
-        try:
-            (depth,) = db.execute("SELECT count(*) FROM events").fetchone()
-        finally:
-            db.close()
+        depth = pending_count(queue_dir)
         if depth == 0:
             return
         assert time.monotonic() < deadline, f"{depth} event(s) still queued"
@@ -548,7 +543,7 @@ def test_flask_under_gunicorn_two_workers_share_one_queue(
         assert event["properties"]["status_code"] == 200
         assert event["properties"]["response_time_ms"] >= 0
     # Once the shared queue is empty nothing can be sent again: exactly one copy of each.
-    wait_for_empty_queue(gunicorn.queue_db)
+    wait_for_empty_queue(gunicorn.queue_dir)
     assert len([e for e in collector.events if e.get("app_user_id") in {alice, bob}]) == 2
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from queue_contents import quick_checks, rows
 
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
@@ -78,11 +79,6 @@ class Worker:
         return [x for x in self.lines if x.startswith("ERR")]
 
 
-def quick_check(db: Path) -> str:
-    with sqlite3.connect(db) as conn:
-        return str(conn.execute("PRAGMA quick_check").fetchone()[0])
-
-
 @pytest.mark.slow
 def test_processes_tracking_while_some_are_sigkilled_lose_nothing(
     workers: list[Worker], queue_dir: Path, collector: Collector
@@ -139,7 +135,7 @@ def test_processes_tracking_while_some_are_sigkilled_lose_nothing(
     assert duplicates <= kills * 100  # at most one in-flight batch (max_batch_size) per kill
     assert [e for w in workers for e in w.errors] == []
     assert mid_stream >= 4, "the kills should land while tracking"
-    assert quick_check(queue_dir / "queue.db") == "ok"
+    assert all(verdict == "ok" for verdict in quick_checks(queue_dir))
 
 
 def test_a_sigkilled_sender_is_replaced_within_one_flush_interval(
@@ -267,6 +263,5 @@ def test_500_threads_and_two_clients_for_one_app_persist_everything(queue_dir: P
     finally:
         for client in clients:
             client.shutdown()
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        stored = [row[0] for row in conn.execute("SELECT message_id FROM events")]
+    stored = [row[0] for row in rows(queue_dir, "SELECT message_id FROM events")]
     assert sorted(stored) == sorted(ids)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from queue_contents import rows
 
 from durable_analytics.errors import (
     QueueMismatchError,
@@ -299,8 +300,7 @@ def test_a_smaller_cap_never_trims_a_backlog_another_process_wrote(
     mine = [small.track("u", "new", {"n": n}) for n in range(150)]
     assert small.stats()["dropped"]["queue_full"] == 50
     small.shutdown()
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        kept = [m for (m,) in conn.execute("SELECT message_id FROM events ORDER BY id")]
+    kept = [m for (m,) in rows(queue_dir, "SELECT message_id FROM events ORDER BY id")]
     assert kept == backlog + mine[50:]
 
 
@@ -367,7 +367,7 @@ def test_track_keeps_its_time_bound_while_another_process_holds_the_lock(
     client._queue.close()  # reopen with the shorter busy timeout
     bound = 1.0 + BUSY_RETRY_BUDGET
     took: list[float] = []
-    with sqlite3.connect(queue_dir / "queue.db", isolation_level=None) as blocker:
+    with sqlite3.connect(client.queue_path, isolation_level=None) as blocker:
         blocker.execute("BEGIN IMMEDIATE")
 
         def work() -> None:
@@ -414,7 +414,9 @@ def test_one_corruption_error_moves_aside_only_the_file_it_was_raised_on(
     finally:
         queue.close()
     aside = [
-        p for p in queue_dir.glob("queue.db.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
+        p
+        for p in queue_dir.glob(f"{queue.path.name}.corrupt-*")
+        if not p.name.endswith(("-wal", "-shm"))
     ]
     assert len(aside) == 1
 

@@ -12,7 +12,6 @@ import os
 import queue
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from queue_contents import pending_count, pending_payloads, quick_checks
 
 from durable_analytics.devtools.collector import Collector
 
@@ -89,8 +89,7 @@ def start(workers: list[Worker], *args: object, **env: str) -> Worker:
 
 
 def on_disk(queue_dir: Path) -> int:
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    return pending_count(queue_dir)
 
 
 @pytest.mark.parametrize(
@@ -169,8 +168,7 @@ def test_sigterm_while_the_main_thread_is_inside_track_does_not_deadlock(
     status, _, err = worker.finish(timeout=15)
     assert status == -signal.SIGTERM, err
     assert time.monotonic() - sent < 4
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert all(verdict == "ok" for verdict in quick_checks(queue_dir))
 
 
 def test_a_second_signal_skips_a_slow_flush(
@@ -243,11 +241,9 @@ def test_handlers_are_installed_only_from_the_main_thread(
 def numbers_delivered_or_queued(collector: Collector, queue_dir: Path) -> set[int]:
     """The ``n`` of every busy-loop event that reached the collector or is still on disk."""
     numbers = {event["properties"]["n"] for event in collector.events if event["event"] == "busy"}
-    with sqlite3.connect(queue_dir / "queue.db") as conn:
-        for (payload,) in conn.execute("SELECT payload FROM events"):
-            event = json.loads(payload)
-            if event["event"] == "busy":
-                numbers.add(event["properties"]["n"])
+    for event in pending_payloads(queue_dir):
+        if event["event"] == "busy":
+            numbers.add(event["properties"]["n"])
     return numbers
 
 

@@ -13,7 +13,6 @@ import importlib.metadata
 import io
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import unittest
 from pathlib import Path
 
 import pytest
+from queue_contents import rows
 
 import _durable_analytics_pytest
 from durable_analytics.testing import TEST_DEFAULTS, CapturedEvents, capture_events
@@ -226,11 +226,7 @@ def test_events_go_through_the_real_queue_and_wire_format(tmp_path: Path) -> Non
         events,
     ):
         message_id = client.track("u1", "Signup", {"plan": "pro"})
-        db = sqlite3.connect(client.queue_path)
-        try:
-            [(payload,)] = db.execute("SELECT payload FROM events").fetchall()
-        finally:
-            db.close()
+        [(payload,)] = rows(client.queue_path.parent, "SELECT payload FROM events")
         assert json.loads(payload)["event_id"] == message_id
 
         [request] = events.requests

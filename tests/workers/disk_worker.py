@@ -15,12 +15,14 @@ import json
 import os
 import resource
 import signal
-import sqlite3
 import sys
 from pathlib import Path
 
 from durable_analytics import Analytics
 from durable_analytics.errors import DurableAnalyticsError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for queue_contents
+from queue_contents import quick_checks, rows
 
 
 def fill(path: Path) -> None:
@@ -79,13 +81,11 @@ def main() -> None:
     else:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     after = track("after", 20)
-    db = Path(directory) / "queue.db"
-    with sqlite3.connect(db) as conn:
-        stored = {row[0] for row in conn.execute("SELECT message_id FROM events")}
+    stored = {row[0] for row in rows(Path(directory), "SELECT message_id FROM events")}
     recovered = set(after) <= stored
     delivered = client.flush(timeout=20)
-    with sqlite3.connect(db) as conn:
-        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    verdicts = [v for v in quick_checks(Path(directory)) if v != "ok"]
+    check = verdicts[0] if verdicts else "ok"
     stats = client.stats()
     client.shutdown()
     report = {

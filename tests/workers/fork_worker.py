@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sqlite3
 import sys
 import threading
 import time
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from durable_analytics import Analytics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for queue_contents
+from queue_contents import quick_checks
 
 client: Analytics
 
@@ -44,8 +46,9 @@ def track(label: str, count: int) -> list[str]:
 
 
 def quick_check(directory: str) -> str:
-    with sqlite3.connect(Path(directory) / "queue.db") as conn:
-        return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+    """ "ok" when every queue file of ``directory`` passes quick_check, else the first verdict."""
+    verdicts = [v for v in quick_checks(Path(directory)) if v != "ok"]
+    return verdicts[0] if verdicts else "ok"
 
 
 def in_child(body: Any) -> None:
