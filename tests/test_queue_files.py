@@ -141,9 +141,10 @@ def test_a_dead_processs_file_is_drained_then_removed_keeping_its_checkpoints(
         assert client.flush(timeout=30)
         assert sorted(collector.message_ids()) == sorted(f"dead-{n}" for n in range(1, 20))
         # The flusher removes it right after the drain that emptied it.
-        assert wait_for(lambda: not dead_file.exists())
-        leftovers = [p.name for p in queue_dir.iterdir() if p.name.startswith(dead_file.stem)]
-        assert leftovers == []
+        def leftovers() -> list[str]:
+            return [p.name for p in queue_dir.iterdir() if p.name.startswith(dead_file.stem)]
+
+        assert wait_for(lambda: leftovers() == []), leftovers()
         assert client.checkpoint("job") == "20"
         with sqlite3.connect(f"file:{client.queue_path}?mode=ro", uri=True) as conn:
             moved = conn.execute("SELECT message_id, reason FROM dead_letter").fetchall()
