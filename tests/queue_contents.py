@@ -1,7 +1,7 @@
 """What a queue directory holds, read the way an operator would: plain sqlite3 on its files.
 
 A queue directory holds one SQLite file per writing process (``events-<pid>-<hex>.db``) and
-maybe 0.1's ``queue.db``; `durable_analytics.paths.queue_files` lists them. These helpers read
+maybe 0.1's ``queue.db``; `durable_analytics.queue.paths.queue_files` lists them. These helpers read
 every one of them through read-only ``file:...?mode=ro`` connections, so a test asserts what the
 queue holds without caring which file an event landed in. A file that has no such table yet
 (created a moment ago, not migrated) holds nothing and is skipped.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from durable_analytics import Analytics
-from durable_analytics.paths import queue_files
+from durable_analytics.queue.paths import queue_files
 
 
 def _connect_ro(db: Path) -> sqlite3.Connection:

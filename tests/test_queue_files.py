@@ -140,6 +140,7 @@ def test_a_dead_processs_file_is_drained_then_removed_keeping_its_checkpoints(
         assert client.checkpoint("job") == "20"
         assert client.flush(timeout=30)
         assert sorted(collector.message_ids()) == sorted(f"dead-{n}" for n in range(1, 20))
+
         # The flusher removes it right after the drain that emptied it.
         def leftovers() -> list[str]:
             return [p.name for p in queue_dir.iterdir() if p.name.startswith(dead_file.stem)]
