@@ -344,6 +344,10 @@ class QueueDirectory:
                 oldest = head
         return oldest
 
+    def dead_letter_count(self) -> int:
+        """Rows in every file's ``dead_letter`` (a scan: for status displays)."""
+        return sum(queue.dead_letter_count() for queue in self._each(self._scanned()))
+
     def wal_size(self) -> int:
         """The largest ``-wal`` of the queue's files."""
         with self._guard:

@@ -506,6 +506,16 @@ class SQLiteQueue(QueueStorage):
         """
         return int(self._read_one(SELECT_DEPTH, for_flusher=for_flusher))
 
+    def marks(self) -> dict[str, int]:
+        """{file name: newest id}: what `reached` compares against (as `QueueDirectory`)."""
+        return {self.path.name: self.last_id()}
+
+    def reached(self, marks: Mapping[str, int]) -> bool:
+        """True when no event at or below this file's mark is pending any more."""
+        mark = marks.get(self.path.name)
+        head = self.head()
+        return mark is None or head is None or head[0] > mark
+
     def last_id(self) -> int:
         """The id of the newest event ever appended (0 for a new queue)."""
         return int(self._read_one(SELECT_LAST_ID))
