@@ -200,8 +200,13 @@ class AsyncAnalytics(EventMethods):
         return self._client.session_id
 
     @property
+    def queue_dir(self) -> Path:
+        """The directory holding this app's queue: one SQLite file per writing process."""
+        return self._client.queue_dir
+
+    @property
     def queue_path(self) -> Path:
-        """The SQLite file holding this app's queue."""
+        """This process's own queue file (`queue_dir` holds one per writing process)."""
         return self._client.queue_path
 
     def queue_depth(self) -> int:

@@ -612,20 +612,24 @@ def test_clean_shutdowns_against_a_slow_server_send_no_batch_twice(
 def test_a_queue_from_before_the_response_column_is_upgraded(
     make_client: Any, collector: Collector
 ) -> None:
-    """A file at schema version 2 (no dead_letter.response) gets the column when opened, keeps
-    its events, and its dead letters then keep the server's answer."""
+    """A file at schema version 1 (0.1's: no dead_letter.response) gets the column when
+    opened by another process's flusher, keeps its events, and its dead letters then keep the
+    server's answer."""
     old = make_client(send=False)
     refused = old.track("u", "e")
     old.shutdown()
     with sqlite3.connect(old.queue_path) as conn:
         conn.execute("ALTER TABLE dead_letter DROP COLUMN response")
-        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm003_dead_letter_response'")
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute("DROP TABLE checkpoints")
+        conn.execute(
+            "DELETE FROM _sqlite_migrations WHERE name IN "
+            "('m002_dead_letter_response', 'm003_checkpoints')"
+        )
+        conn.execute("PRAGMA user_version = 1")
     collector.respond_with(404, body="no such ingest")
     client = make_client(base_url=collector.url)
     assert client.flush(timeout=10)
-    # The file written before the upgrade (0.1's queue.db today, the old client's own file
-    # after issue 12) is the one that must have been migrated.
+    # The old client's own file, left with its event, is the one that must have been migrated.
     with sqlite3.connect(old.queue_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)
     found = dead_letters_in(client.queue_path.parent, "message_id, status_code, response")

@@ -30,7 +30,7 @@ def result(**changes: object) -> DemoResult:
         in_flight_at_kill=50,
         seconds=3.2,
         collector_url="http://127.0.0.1:1",
-        queue_path="/tmp/demo/queue/queue.db",
+        queue_dir="/tmp/demo/queue",
         received_path="/tmp/demo/received.jsonl",
     )
     values.update(changes)

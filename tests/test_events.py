@@ -7,6 +7,8 @@ import datetime as dt
 import decimal
 import enum
 import json
+import os
+import re
 import subprocess
 import sys
 import uuid
@@ -246,8 +248,11 @@ def test_consent_left_out_keeps_its_value(client: Analytics) -> None:
 
 
 def test_queue_path_lives_in_persistence_dir(client: Analytics, queue_dir: Path) -> None:
-    """The queue file is <persistence_dir>/queue.db."""
-    assert client.queue_path == queue_dir / "queue.db"
+    """The queue is <persistence_dir>; this process's own file in it is
+    events-<pid>-<16 hex>.db (issue 12)."""
+    assert client.queue_dir == queue_dir
+    assert client.queue_path.parent == queue_dir
+    assert re.fullmatch(rf"events-{os.getpid()}-[0-9a-f]{{16}}\.db", client.queue_path.name)
 
 
 # --- issue 10 item 13: bad input is a ValidationError naming the field, counted as invalid -----

@@ -21,7 +21,7 @@ from queue_contents import quick_checks, rows
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DurableAnalyticsError, StorageBusyError
-from durable_analytics.queue import SQLiteQueue
+from durable_analytics.queue import QueueDirectory, SQLiteQueue
 
 WORKER = Path(__file__).with_name("workers") / "track_worker.py"
 
@@ -173,6 +173,7 @@ def test_a_sigkilled_sender_is_replaced_within_one_flush_interval(
 def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compress SQLite's 5 s busy_timeout to 0.1 s so a lock-holding test runs in a moment."""
     monkeypatch.setitem(SQLiteQueue.__init__.__kwdefaults__, "busy_timeout", 0.1)
+    monkeypatch.setitem(QueueDirectory.__init__.__kwdefaults__, "busy_timeout", 0.1)
 
 
 def hold_write_lock(db: Path) -> sqlite3.Connection:

@@ -32,7 +32,7 @@ from typing import IO, Any, Protocol
 
 from ..client import Analytics
 from ..config import ENV_PREFIX
-from ..queue.paths import DB_NAME, ensure_private_dir
+from ..queue.paths import ensure_private_dir
 from ..queue.reader import open_reader
 from .collector import Collector
 
@@ -76,7 +76,7 @@ class DemoResult:
     in_flight_at_kill: int
     seconds: float
     collector_url: str
-    queue_path: str
+    queue_dir: str
     received_path: str
     worker_pids: list[int] = field(default_factory=list)
 
@@ -258,7 +258,7 @@ def run(
     delivered_ids_at_kill: set[str | None] = set()
     with Collector(store_path=received) as collector:
         say(f"collector  {collector.url} (in this process; events also go to {received})")
-        say(f"queue      {queue_dir / DB_NAME}")
+        say(f"queue      {queue_dir} (one SQLite file per writing process)")
         say("")
         say(f"worker 1 tracks {events} events at {rate:g}/s and ships them as it goes ...")
         first = _Worker(queue_dir, collector.url, events, 0, rate, root / "worker1.log")
@@ -336,7 +336,7 @@ def run(
         in_flight_at_kill=in_flight,
         seconds=round(time.monotonic() - began, 2),
         collector_url=collector.url,
-        queue_path=str(queue_dir / DB_NAME),
+        queue_dir=str(queue_dir),
         received_path=str(received),
         worker_pids=pids,
     )
@@ -344,7 +344,7 @@ def run(
 
 def report(result: DemoResult) -> list[str]:
     """The demo's closing lines: the four numbers and how to look at the queue."""
-    db = shlex.quote(result.queue_path)
+    queue = shlex.quote(result.queue_dir)
     lines = [
         "",
         f"result after {result.seconds:.1f}s",
@@ -375,11 +375,11 @@ def report(result: DemoResult) -> list[str]:
         "",
         "OK: nothing was lost." if result.lost == 0 else f"FAILED: {result.lost} event(s) lost.",
         "",
-        "The queue is a plain SQLite file; look inside it:",
-        f"  sqlite3 -readonly -header -column {db} "
+        "The queue is a directory of plain SQLite files, one per process; look inside it:",
+        f"  durable-analytics sql --dir {queue} -- -header -column "
         '"SELECT event, count(*) AS pending FROM events GROUP BY event; '
         'SELECT count(*) AS dead_letters FROM dead_letter;"',
-        f"  durable-analytics status --dir {shlex.quote(str(Path(result.queue_path).parent))}",
+        f"  durable-analytics status --dir {queue}",
         f"What the collector received: {result.received_path}",
     ]
     return lines
