@@ -2440,8 +2440,8 @@ def dead_backlog_rows(dead: dict[str, Any], restart: dict[str, Any] | None) -> l
         rows.append(
             Row(
                 f"{name}, batch {'100' if judged else label}",
-                f"{fmt(data['drain_eps'], '/s')} ({data['drain_s']:.1f} s, "
-                f"{data['delivered']:,} delivered)",
+                f"{fmt(data['drain_eps'], '/s')} ({data['drain_s']:.1f} s incl. ctor "
+                f"{data['constructor_ms']:.0f} ms, {data['delivered']:,} delivered)",
                 "-",
                 f"{data['drain_eps'] / TARGETS['drain_eps']:.2f}x target",
                 ">= 100,000/s" if judged else "-",
