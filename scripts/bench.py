@@ -7,6 +7,7 @@
     python scripts/bench.py --figures 1,2,5  # a subset of the figures (see docs/performance.md)
     python scripts/bench.py --figures 9,10,11 --only ours,segment  # batch jobs (issue 13)
     python scripts/bench.py --figures 12 --only ours,segment  # several processes (issue 12)
+    python scripts/bench.py --figures 13 --only ours  # dead processes' backlog (issue 12)
     python scripts/bench.py --json out.json  # also write every raw figure as JSON
 
 Every SDK ships to the same sink (``scripts/_sink.py``): a ThreadingHTTPServer with HTTP/1.1
@@ -24,6 +25,13 @@ sending on (lost rows, rows enqueued twice, duplicate deliveries by message id).
 Figure 12 is several processes of one app (issue 12): N worker processes started together, each
 with its own client (ours: one shared ``persistence_dir``), flat out and paced, ours against
 Segment with the same N; per-call times merged from every process, books checked at the sink.
+Each process writes a queue file of its own (``events-<pid>-<hex>.db``) in that directory.
+
+Figure 13 is the backlog of several dead processes (issue 12): 8 processes each commit their
+share of a 1,000,000-event backlog to their own file with sending off and are SIGKILLed; one
+fresh client is then timed from its construction until the sink has every event and the queue
+is empty, and the dead files must be gone. Figure 6 (when run too) is the same drain from one
+dead process's file.
 
 The peers are benchmark-only extras (``pip install -e '.[bench]'``); a missing one is skipped
 with a note. psutil is used for RSS when installed, else ``/proc/self/statm``.
@@ -46,6 +54,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -68,12 +77,16 @@ from _sink import SinkProcess, free_port  # noqa: E402
 SYSTEMS = ("ours", "segment", "posthog")
 LABELS = {"ours": "ours", "segment": "Segment", "posthog": "PostHog"}
 PEER_MODULES = {"segment": "segment.analytics", "posthog": "posthog"}
-FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "mw")
+FIGURES = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "mw")
 EVENT = "page_view"
 APP_ID = "bench"
 MIB = 1024 * 1024
 #: Extra batch sizes tried on copies of the backlog when the default can't drain at the target.
 DRAIN_BATCH_SIZES = (500, 1000)
+#: Figure 13: the batch sizes its dead processes' backlog is drained with (None: the default).
+DEAD_DRAIN_BATCH_SIZES = (None, 500)
+#: Figure 13: events per batch() block while the dead processes build the backlog.
+DEAD_WRITER_BLOCK = 1_000
 
 TARGETS = {
     "track_mean_ratio": 0.6,
@@ -115,6 +128,9 @@ class Scale:
     mp_calls: int
     mp_paced: tuple[tuple[int, int], ...]
     mp_seconds: float
+    #: Figure 13: the backlog left by ``dead_procs`` killed processes, ``dead_events`` each.
+    dead_procs: int
+    dead_events: int
 
 
 FULL = Scale(
@@ -134,6 +150,8 @@ FULL = Scale(
     mp_calls=10_000,
     mp_paced=((4, 1_000), (8, 2_000)),
     mp_seconds=5.0,
+    dead_procs=8,
+    dead_events=125_000,
 )
 QUICK = Scale(
     latency_calls=5_000,
@@ -152,6 +170,8 @@ QUICK = Scale(
     mp_calls=300,
     mp_paced=((2, 200),),
     mp_seconds=0.5,
+    dead_procs=8,
+    dead_events=2_000,
 )
 
 # --- the systems under test ----------------------------------------------------------------
@@ -354,34 +374,75 @@ def summarise(samples: list[int]) -> dict[str, float]:
     }
 
 
+def queue_files(directory: Path) -> list[Path]:
+    """The queue's SQLite files in ``directory``: one per writing process (and 0.1's queue.db)."""
+    from durable_analytics.paths import queue_files as listed
+
+    return listed(directory)
+
+
 def queue_files_size(directory: Path) -> int:
+    """Bytes on disk of every queue file in ``directory`` and of its ``-wal``."""
     total = 0
-    for name in ("queue.db", "queue.db-wal"):
+    for path in queue_files(directory):
+        for name in (path, Path(f"{path}-wal")):
+            with contextlib.suppress(OSError):
+                total += name.stat().st_size
+    return total
+
+
+def sidecar_bytes(directory: Path, suffix: str) -> int:
+    """Total size of the ``-wal`` or ``-shm`` (``suffix``) of every queue file."""
+    total = 0
+    for path in queue_files(directory):
         with contextlib.suppress(OSError):
-            total += (directory / name).stat().st_size
+            total += Path(f"{path}-{suffix}").stat().st_size
     return total
 
 
 def queue_facts(directory: Path) -> dict[str, Any]:
-    """Rows and payload sizes, read with the plain sqlite3 module (as an operator would)."""
-    path = directory / "queue.db"
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows, payload = conn.execute(
-            "SELECT count(*), coalesce(avg(length(payload)), 0) FROM events"
-        ).fetchone()
-        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-        (pages,) = conn.execute("PRAGMA page_count").fetchone()
-        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
-    finally:
-        conn.close()
+    """Rows and payload sizes over every queue file, read with the plain sqlite3 module (as
+    an operator would)."""
+    rows = payload_bytes = pages = free = page_size = 0
+    files = queue_files(directory)
+    for path in files:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            count, total = conn.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
+            ).fetchone()
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            (file_pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (file_free,) = conn.execute("PRAGMA freelist_count").fetchone()
+        finally:
+            conn.close()
+        rows += count
+        payload_bytes += total
+        pages += file_pages
+        free += file_free
     return {
+        "files": len(files),
         "rows": rows,
-        "avg_payload_bytes": payload,
+        "avg_payload_bytes": payload_bytes / rows if rows else 0.0,
         "page_size": page_size,
         "pages": pages,
         "free_pages": free,
     }
+
+
+def events_inserted(directory: Path) -> dict[str, int]:
+    """Per queue file (by name), the events ever inserted into it (AUTOINCREMENT's counter)."""
+    inserted = {}
+    for path in queue_files(directory):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        except sqlite3.OperationalError:
+            row = None  # created by a process killed before its schema was committed
+        finally:
+            conn.close()
+        inserted[path.name] = row[0] if row else 0
+    return inserted
 
 
 # --- workers: each runs in a fresh process --------------------------------------------------
@@ -592,9 +653,7 @@ def w_backlog(p: dict[str, Any]) -> dict[str, Any]:
     if isinstance(subject, Ours):
         result["dropped"] = subject.dropped(0)
         for suffix in ("wal", "shm"):
-            with contextlib.suppress(OSError):
-                size = (Path(p["dir"]) / f"queue.db-{suffix}").stat().st_size
-                result[f"{suffix}_bytes_while_open"] = size
+            result[f"{suffix}_bytes_while_open"] = sidecar_bytes(Path(p["dir"]), suffix)
         subject.abandon()
         directory = Path(p["dir"])
         result["file_bytes"] = queue_files_size(directory)
@@ -606,7 +665,8 @@ def w_backlog(p: dict[str, Any]) -> dict[str, Any]:
 def w_restart(p: dict[str, Any]) -> dict[str, Any]:
     """Figures 5-7: open the backlog (timed), first track(), queue_depth(), drain to the sink."""
     directory = Path(p["dir"])
-    backlog = queue_facts(directory)["rows"]
+    facts = queue_facts(directory)
+    backlog = facts["rows"]
     size_before = queue_files_size(directory)
     sink = SinkClient(p["sink"])
     sink.reset()
@@ -620,8 +680,7 @@ def w_restart(p: dict[str, Any]) -> dict[str, Any]:
         base_url=p["sink"],
         persistence_dir=directory,
         handle_signals=False,
-        # The default cap (10,000) would trim the backlog on the first track(): keep it.
-        max_queue_size=2 * backlog + 10_000,
+        # The default cap: it counts this process's own file, never the dead writer's backlog.
         **p.get("extra", {}),
     )
     t1 = time.perf_counter()
@@ -636,6 +695,7 @@ def w_restart(p: dict[str, Any]) -> dict[str, Any]:
     delivered_all = client.flush(900.0)
     stats = sink.wait(backlog + 1, timeout=60.0)
     end = stats["last_at"] or time.monotonic()
+    dropped = sum(client.stats()["dropped"].values())
     client.shutdown(10.0)
     size_after = queue_files_size(directory)
     drain_s = end - m0
@@ -654,8 +714,11 @@ def w_restart(p: dict[str, Any]) -> dict[str, Any]:
         "requests": stats["requests"],
         "drain_s": drain_s,
         "drain_eps": stats["unique"] / drain_s if drain_s > 0 else 0.0,
+        "dropped": dropped,
         "size_before_bytes": size_before,
         "size_after_bytes": size_after,
+        "files_before": facts["files"],
+        "files_after": len(queue_files(directory)),
     }
 
 
@@ -881,11 +944,12 @@ def w_resume_job(p: dict[str, Any]) -> dict[str, Any]:
             sys.stdout.write(f"committed {last}\n")
             sys.stdout.flush()
         delivered = analytics.flush(120.0)
+        enqueued = analytics.stats()["enqueued"]
         sys.stdout.write(f"flushed {delivered}\n")
         sys.stdout.flush()
     sys.stdout.write("done\n")
     sys.stdout.flush()
-    return {"started_at_row": start}
+    return {"started_at_row": start, "enqueued": enqueued}
 
 
 def _job_phase(output: str, rows: int) -> str:
@@ -907,7 +971,6 @@ def w_resume(p: dict[str, Any]) -> dict[str, Any]:
     """Figure 11: ``runs`` jobs, each SIGKILLed at a seeded random moment and re-run from its
     checkpoint with sending on; per run: lost rows, rows enqueued twice, duplicate deliveries."""
     import random
-    import signal
 
     rng = random.Random(p["seed"])
     sink = SinkClient(p["sink"])
@@ -963,20 +1026,31 @@ def w_resume(p: dict[str, Any]) -> dict[str, Any]:
             missed += 1
             shutil.rmtree(spec["dir"], ignore_errors=True)
             continue
-        argv, _ = job(index, 1)
+        # What the killed job inserted, read from its file before the re-run's flusher
+        # drains and removes it (each process writes a file of its own).
+        inserted = sum(events_inserted(Path(spec["dir"])).values())
+        argv, rerun_spec = job(index, 1)
         rerun = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, timeout=300)
         stats = sink.wait(rows, timeout=60.0)
-        queue = Path(spec["dir"]) / "queue.db"
-        conn = sqlite3.connect(f"file:{queue}?mode=ro", uri=True)
-        try:
-            (left,) = conn.execute("SELECT count(*) FROM events").fetchone()
-            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-            checkpoint = conn.execute(
-                "SELECT value FROM checkpoints WHERE name = 'import'"
-            ).fetchone()
-        finally:
-            conn.close()
-        inserted = row[0] if row else 0
+        rerun_result = Path(rerun_spec["result_path"])
+        if rerun_result.exists():
+            inserted += json.loads(rerun_result.read_text())["enqueued"]
+        left = 0
+        newest: tuple[str, str] | None = None
+        for queue in queue_files(Path(spec["dir"])):
+            conn = sqlite3.connect(f"file:{queue}?mode=ro", uri=True)
+            try:
+                (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
+                entry = conn.execute(
+                    "SELECT value, updated_at FROM checkpoints WHERE name = 'import'"
+                ).fetchone()
+            finally:
+                conn.close()
+            left += count
+            # A dead job's checkpoint moves into the re-run's file: the newest one counts.
+            if entry is not None and (newest is None or entry[1] > newest[1]):
+                newest = entry
+        checkpoint = newest
         runs.append(
             {
                 "run": index,
@@ -986,7 +1060,8 @@ def w_resume(p: dict[str, Any]) -> dict[str, Any]:
                 "delivered": stats["unique"],
                 "still_queued": left,
                 "lost": rows - stats["unique"] - left,
-                # Rows ever inserted into the queue (AUTOINCREMENT's counter) beyond one a row.
+                # Rows inserted (the killed job's AUTOINCREMENT counter and the re-run's
+                # `enqueued`) beyond one a row.
                 "enqueued_twice": inserted - rows,
                 "duplicate_deliveries": stats["events"] - stats["unique"],
                 "checkpoint": checkpoint[0] if checkpoint else None,
@@ -1112,6 +1187,119 @@ def w_mp_proc(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# --- a backlog left by dead processes (figure 13, issue 12) --------------------------------
+
+
+def w_dead_writer(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 13's writer: ``events`` events into its own file of the shared ``dir`` with
+    sending off, then SIGKILL itself: the file keeps every event, and the kernel releases the
+    owner lock, as when a web worker is killed during an outage.
+
+    The events go in ``batch()`` blocks of ``block`` (1 means ``track()`` per event): the rows
+    on disk are the same, and the backlog builds several times faster than by ``track()``
+    (building it is not what is timed). Writes its result itself: it never returns.
+    """
+    from durable_analytics import Analytics
+
+    n, block = p["events"], p["block"]
+    client = Analytics(
+        app_id=APP_ID,
+        base_url=p["sink"],
+        persistence_dir=Path(p["dir"]),
+        handle_signals=False,
+        send=False,
+        max_queue_size=n + 10_000,
+    )
+    index = p["index"]
+    if block == 1:
+        track = client.track
+        for i in range(n):
+            track(USERS[(index + i) % 100], EVENT, props(i))
+    else:
+        for first in range(0, n, block):
+            with client.batch() as batch:
+                for i in range(first, min(first + block, n)):
+                    batch.track(USERS[(index + i) % 100], EVENT, props(i))
+    stats = client.stats()
+    result = {
+        "index": index,
+        "file": client.queue_path.name,
+        "enqueued": stats["enqueued"],
+        "dropped": sum(stats["dropped"].values()),
+    }
+    Path(p["result_path"]).write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("still alive after SIGKILL")
+
+
+def w_dead_drain(p: dict[str, Any]) -> dict[str, Any]:
+    """Figure 13's drain: one fresh client (defaults but ``extra``) on a directory of dead
+    processes' files, timed from its construction until the queue is empty (``flush()``
+    returned and ``queue_depth()`` is 0) and the sink has every event (its own monotonic
+    stamp of the last batch); then how long the flusher took to remove the dead files."""
+    directory = Path(p["dir"])
+    before = queue_files(directory)
+    facts = queue_facts(directory)
+    backlog = facts["rows"]
+    size_before = queue_files_size(directory)
+    sink = SinkClient(p["sink"])
+    sink.reset()
+    gc.collect()
+    from durable_analytics import Analytics
+
+    m0 = time.monotonic()
+    client = Analytics(
+        app_id=APP_ID,
+        base_url=p["sink"],
+        persistence_dir=directory,
+        handle_signals=False,
+        **p.get("extra", {}),
+    )
+    constructed = time.monotonic()
+    flushed = client.flush(900.0)
+    deadline = time.monotonic() + 60.0
+    while client.queue_depth() > 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    empty_at = time.monotonic()
+    depth = client.queue_depth()
+    stats = sink.wait(backlog, timeout=60.0)
+    end = max(empty_at, stats["last_at"] or empty_at)
+    # The flusher removes a dead process's file once it is drained (directory.py).
+    own = client.queue_path
+    dead = [path for path in before if path != own]
+    deadline = time.monotonic() + 30.0
+    while any(path.exists() for path in dead) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    removed_at = time.monotonic()
+    left_open = [path.name for path in dead if path.exists()]
+    dropped = sum(client.stats()["dropped"].values())
+    client.shutdown(30.0)
+    after = queue_files(directory)
+    drain_s = end - m0
+    return {
+        "backlog": backlog,
+        "files_before": len(before),
+        "dead_files": len(dead),
+        "constructor_ms": (constructed - m0) * 1000,
+        "flush_ok": flushed,
+        "queue_depth": depth,
+        "delivered": stats["unique"],
+        "duplicates": stats["events"] - stats["unique"],
+        "requests": stats["requests"],
+        "dropped": dropped,
+        "drain_s": drain_s,
+        "drain_eps": stats["unique"] / drain_s if drain_s > 0 else 0.0,
+        "first_batch_s": (stats["first_at"] - m0) if stats["first_at"] else None,
+        "dead_files_left": len(left_open),
+        "dead_files_removed_s": removed_at - empty_at,
+        "files_after_shutdown": [path.name for path in after],
+        "size_before_bytes": size_before,
+        "size_after_bytes": queue_files_size(directory),
+    }
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "latency": w_latency,
     "timer": w_timer,
@@ -1126,6 +1314,8 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "resume_job": w_resume_job,
     "resume": w_resume,
     "mp_proc": w_mp_proc,
+    "dead_writer": w_dead_writer,
+    "dead_drain": w_dead_drain,
 }
 
 
@@ -1527,6 +1717,10 @@ class Bench:
             "track": summarise(list(times)) if times else None,
             "lateness": summarise(list(lateness)) if lateness else None,
         }
+        if system == "ours":
+            # One file per writing process: those still there once every process closed
+            # (a process that was not the flusher leaves its empty file to the next one).
+            result["queue_files_left"] = len(queue_files(directory))
         shutil.rmtree(directory, ignore_errors=True)
         return result
 
@@ -1548,6 +1742,90 @@ class Bench:
                     system, procs, "paced", rate=rate, seconds=seconds
                 )
         self.results["multiproc"] = out
+
+    def dead_backlog(self) -> None:
+        """Figure 13 (issue 12): a backlog spread over the files of several killed processes,
+        drained by one fresh client. The writers run together, each into its own file of one
+        directory with sending off, and SIGKILL themselves once their events are committed;
+        the backlog is copied for each further batch size before the first drain."""
+        if "ours" not in self.systems:
+            return
+        procs, per = self.scale.dead_procs, self.scale.dead_events
+        total = procs * per
+        directory = self.fresh_dir("dead-backlog")
+        self.log(f"13. backlog of {total:,} events from {procs} processes, each SIGKILLed")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_ANALYTICS_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        script = str(Path(__file__).resolve())
+        specs = [
+            {
+                "kind": "dead_writer",
+                "sink": self.sink,
+                "result_path": str(self.workdir / f"dead-writer-{index}.json"),
+                "dir": str(directory),
+                "index": index,
+                "events": per,
+                "block": DEAD_WRITER_BLOCK,
+            }
+            for index in range(procs)
+        ]
+        build_start = time.monotonic()
+        writers = [
+            subprocess.Popen([sys.executable, script, "--worker", json.dumps(spec)], env=env)
+            for spec in specs
+        ]
+        try:
+            for proc in writers:
+                proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            self.notes.append("13. the backlog's writers timed out")
+            return
+        finally:
+            for proc in writers:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        build_s = time.monotonic() - build_start
+        written = []
+        for proc, spec in zip(writers, specs, strict=True):
+            path = Path(spec["result_path"])
+            if proc.returncode != -signal.SIGKILL or not path.exists():
+                self.notes.append(f"13. a backlog writer failed (exit {proc.returncode})")
+                return
+            written.append(json.loads(path.read_text()))
+        files = queue_files(directory)
+        facts = queue_facts(directory)
+        out: dict[str, Any] = {
+            "procs": procs,
+            "events_per_proc": per,
+            "build_s": build_s,
+            "enqueued": sum(w["enqueued"] for w in written),
+            "writer_dropped": sum(w["dropped"] for w in written),
+            "files": len(files),
+            "rows": facts["rows"],
+            "bytes": queue_files_size(directory),
+            "drains": {},
+        }
+        if facts["rows"] != total or len(files) != procs:
+            self.notes.append(
+                f"13. expected {total:,} events in {procs} files, found {facts['rows']:,} "
+                f"in {len(files)}"
+            )
+        dirs = {}
+        for size in DEAD_DRAIN_BATCH_SIZES[1:]:
+            copy = self.fresh_dir(f"dead-backlog-copy-{size}")
+            shutil.copytree(directory, copy)
+            dirs[size] = copy
+        dirs[None] = directory
+        for size in DEAD_DRAIN_BATCH_SIZES:
+            label = "default" if size is None else str(size)
+            self.log(
+                f"13. drain the {total:,} events of {procs} dead files: max_batch_size {label}"
+            )
+            extra = {} if size is None else {"max_batch_size": size}
+            out["drains"][label] = self.run("dead_drain", dir=str(dirs[size]), extra=extra)
+            shutil.rmtree(dirs[size], ignore_errors=True)
+        self.results["dead_backlog"] = out
 
     def middleware(self) -> None:
         if not (SCRIPTS / "bench_middleware.py").exists():
@@ -1576,6 +1854,8 @@ class Bench:
             self.resume()
         if self.want("12"):
             self.multiproc()
+        if self.want("13"):
+            self.dead_backlog()
         if self.want("mw"):
             self.middleware()
 
@@ -1993,6 +2273,9 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
     mp = results.get("multiproc") or {}
     if mp:
         rows.extend(multiproc_rows(mp))
+    dead = results.get("dead_backlog")
+    if dead:
+        rows.extend(dead_backlog_rows(dead, results.get("restart")))
     mw = results.get("middleware")
     if mw:
         for key, value in mw.items():
@@ -2143,6 +2426,74 @@ def multiproc_rows(mp: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def dead_backlog_rows(dead: dict[str, Any], restart: dict[str, Any] | None) -> list[Row]:
+    """Figure 13's rows: each drain of the dead processes' backlog, their files' removal, and
+    the cost of many files against figure 6's one-file drain when it ran too."""
+    rows: list[Row] = []
+    procs = dead["procs"]
+    name = f"13. drain {dead['rows']:,} backlog in {procs} dead files"
+    for label, data in dead["drains"].items():
+        judged = label == "default"
+        if data is None:
+            rows.append(Row(f"{name}, batch {label}", "failed", "-", "-", "-", "FAIL"))
+            continue
+        rows.append(
+            Row(
+                f"{name}, batch {'100' if judged else label}",
+                f"{fmt(data['drain_eps'], '/s')} ({data['drain_s']:.1f} s incl. ctor "
+                f"{data['constructor_ms']:.0f} ms, {data['delivered']:,} delivered)",
+                "-",
+                f"{data['drain_eps'] / TARGETS['drain_eps']:.2f}x target",
+                ">= 100,000/s" if judged else "-",
+                verdict(data["drain_eps"] >= TARGETS["drain_eps"]) if judged else "info",
+            )
+        )
+        complete = (
+            data["delivered"] == data["backlog"]
+            and data["queue_depth"] == 0
+            and data["dropped"] == 0
+        )
+        removed = data["dead_files"] - data["dead_files_left"]
+        rows.append(
+            Row(
+                f"13. books and dead files removed, batch {'100' if judged else label}",
+                f"depth {data['queue_depth']}, {data['duplicates']:,} dup, "
+                f"{data['dropped']:,} dropped; {removed}/{data['dead_files']} files removed "
+                f"({data['dead_files_removed_s']:.2f} s after empty), "
+                f"{len(data['files_after_shutdown'])} left after shutdown",
+                "-",
+                "-",
+                f"all delivered, depth 0, {procs}/{procs} removed",
+                verdict(complete and removed == data["dead_files"] == procs),
+            )
+        )
+    base = dead["drains"].get("default")
+    if restart and base:
+        ratio = base["drain_eps"] / restart["drain_eps"] if restart["drain_eps"] else None
+        rows.append(
+            Row(
+                f"13. {procs} dead files vs one (figure 6, batch 100)",
+                f"{fmt(base['drain_eps'], '/s')} for {base['backlog']:,}",
+                f"one file {fmt(restart['drain_eps'], '/s')} for {restart['backlog']:,}",
+                f"{ratio:.2f}x one file" if ratio is not None else "-",
+                "-",
+                "info",
+            )
+        )
+    rows.append(
+        Row(
+            "13. backlog built by",
+            f"{procs} processes x {dead['events_per_proc']:,} events in {dead['build_s']:.1f} s, "
+            f"{dead['files']} files, {dead['bytes'] / MIB:,.1f} MiB",
+            "-",
+            "-",
+            "-",
+            "info",
+        )
+    )
+    return rows
+
+
 def render(rows: list[Row]) -> str:
     header = Row("figure", "ours", "peers", "ratio", "target", "result")
     table = [header, *rows]
@@ -2207,7 +2558,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--figures",
         default=",".join(FIGURES),
-        help="comma-separated figures: 1-12 and mw (middleware); default: all",
+        help="comma-separated figures: 1-13 and mw (middleware); default: all",
     )
     parser.add_argument(
         "--repeat",

@@ -145,3 +145,32 @@ def test_quick_multiprocess_figure_runs_and_the_books_balance(tmp_path: Path) ->
     for key in ("flat:1:ours", "flat:2:ours"):
         assert runs[key]["tracked"] == runs[key]["procs"] * runs[key]["calls"], runs[key]
         assert runs[key]["dropped"] == 0, runs[key]
+
+
+@pytest.mark.slow
+def test_quick_dead_processes_backlog_figure_drains_every_file(tmp_path: Path) -> None:
+    """`bench.py --quick --figures 13` (issue 12 target 4 at a tiny size): 8 writer processes
+    each leave their events in a file of their own and are SIGKILLed; one fresh client then
+    delivers every event exactly once at each batch size, empties the queue and removes the
+    8 dead files, leaving no queue file behind after its clean shutdown."""
+    out = tmp_path / "bench.json"
+    proc = run_quick(out, "ours", "13", timeout=180)
+    assert_ran(
+        proc,
+        (
+            "13. drain 16,000 backlog in 8 dead files, batch 100",
+            "13. drain 16,000 backlog in 8 dead files, batch 500",
+            "13. books and dead files removed, batch 100",
+            "13. backlog built by",
+        ),
+    )
+    dead = json.loads(out.read_text())["results"]["dead_backlog"]
+    assert dead["procs"] == dead["files"] == 8, dead
+    assert dead["rows"] == dead["enqueued"] == 8 * dead["events_per_proc"], dead
+    assert set(dead["drains"]) == {"default", "500"}
+    for label, drain in dead["drains"].items():
+        assert drain is not None, label
+        assert drain["backlog"] == drain["delivered"] == dead["rows"], (label, drain)
+        assert drain["duplicates"] == drain["dropped"] == drain["queue_depth"] == 0, drain
+        assert drain["dead_files"] == 8 and drain["dead_files_left"] == 0, (label, drain)
+        assert drain["files_after_shutdown"] == [], (label, drain)
