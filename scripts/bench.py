@@ -376,7 +376,7 @@ def summarise(samples: list[int]) -> dict[str, float]:
 
 def queue_files(directory: Path) -> list[Path]:
     """The queue's SQLite files in ``directory``: one per writing process (and 0.1's queue.db)."""
-    from durable_analytics.paths import queue_files as listed
+    from durable_analytics.queue.paths import queue_files as listed
 
     return listed(directory)
 

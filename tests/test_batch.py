@@ -186,7 +186,7 @@ def test_a_batch_the_disk_refuses_raises_instead_of_being_dropped_quietly(
     with sqlite3.connect(client.queue_path, isolation_level=None) as blocker:
         blocker.execute("BEGIN IMMEDIATE")
         client._queue.busy_timeout = 0.05
-        client._queue.close()
+        client._queue.own.close()  # reopen with the shorter busy timeout
         with pytest.raises(StorageError), client.batch() as batch:
             batch.track("u1", "blocked")
             batch.checkpoint("job", "1")

@@ -38,7 +38,7 @@ from durable_analytics.errors import (
     StorageUnavailableError,
     UnsafePathError,
 )
-from durable_analytics.queue import SQLiteQueue
+from durable_analytics.queue import SQLiteQueue, paths
 from durable_analytics.queue.paths import network_filesystem
 
 WORKERS = Path(__file__).with_name("workers")
@@ -273,16 +273,11 @@ def test_corrupt_queue_is_quarantined_reported_and_replaced(
 def test_another_process_that_quarantines_is_followed_not_duplicated(
     queue_dir: Path, collector: Collector
 ) -> None:
-    """Two clients on one damaged file: the one that finds the damage moves it aside; the
-    other notices the inode change on its next write, reopens the fresh file (no second
-    quarantine, nothing counted as lost) and its events are delivered.
+    """A live writer's own file is damaged; another process's flusher finds the damage and
+    moves the file aside; the writer notices the inode change on its next write, reopens a
+    fresh file of its own (no second quarantine, nothing counted as lost) and its events are
+    delivered (issue 12: the damage is handled once, by whoever finds it first).
     """
-    with Analytics(
-        app_id="c-app", persistence_dir=queue_dir, send=False, handle_signals=False
-    ) as old:
-        for n in range(60):
-            old.track("u", "e", {"marker": f"M-{n}", "pad": "p" * 400})
-    _flip_event_page(old.queue_path)
     writer_heard: list[DurableAnalyticsError] = []
     writer = Analytics(
         app_id="c-app",
@@ -291,9 +286,12 @@ def test_another_process_that_quarantines_is_followed_not_duplicated(
         handle_signals=False,
         on_error=writer_heard.append,
     )
-    # The writer holds the damaged file open before the sender exists: the sender's flusher
-    # starts shipping (and finds the damage) as soon as it is constructed.
-    writer.track("u", "before")
+    for n in range(60):
+        writer.track("u", "e", {"marker": f"M-{n}", "pad": "p" * 400})
+    writer._queue.own.checkpoint()  # the events into the database file, out of the WAL
+    _flip_event_page(writer.queue_path)
+    old = writer
+    # The sender's flusher starts shipping (and finds the damage) as soon as it is constructed.
     sender_heard: list[DurableAnalyticsError] = []
     sender = Analytics(
         app_id="c-app",
@@ -611,6 +609,16 @@ def test_a_long_read_transaction_does_not_stall_track(
     assert client.flush(timeout=30)
 
 
+def queue_bytes(queue_dir: Path) -> int:
+    """Bytes on disk of every queue file with its -wal."""
+    total = 0
+    for db in paths.queue_files(queue_dir):
+        for path in (db, Path(f"{db}-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+    return total
+
+
 def test_disk_space_is_given_back_after_a_large_backlog_drains(
     make_client: Any, collector: Collector, queue_dir: Path
 ) -> None:
@@ -624,11 +632,11 @@ def test_disk_space_is_given_back_after_a_large_backlog_drains(
     assert db.stat().st_size > 10_000_000
     client = make_client(base_url=collector.url, flush_interval=0.05, max_batch_size=500)
     assert client.flush(timeout=60)
-    wal = Path(str(db) + "-wal")
-    assert wait_for(
-        lambda: db.stat().st_size < 1_000_000 and (not wal.exists() or wal.stat().st_size == 0),
-        timeout=10,
-    ), (db.stat().st_size, wal.exists() and wal.stat().st_size)
+    # The drained file of a process that is gone is removed; the live one compacts.
+    assert wait_for(lambda: not db.exists() and queue_bytes(queue_dir) < 1_000_000, timeout=10), (
+        db.exists(),
+        queue_bytes(queue_dir),
+    )
     assert collector.event_count == 5000
 
 
@@ -646,7 +654,8 @@ def test_shutdown_after_a_full_drain_gives_the_space_back(
     client = make_client(base_url=collector.url, max_batch_size=500)
     assert client.flush(timeout=60)
     assert client.shutdown(timeout=10)
-    assert db.stat().st_size < 1_000_000
+    assert not db.exists()  # drained and removed: its writer had shut down
+    assert queue_bytes(queue_dir) < 1_000_000
     assert collector.event_count == 3000
 
 

@@ -370,7 +370,7 @@ def test_track_keeps_its_time_bound_while_another_process_holds_the_lock(
     client = make_client(send=False)
     client.track("u", "first")
     client._queue.busy_timeout = 1.0
-    client._queue.close()  # reopen with the shorter busy timeout
+    client._queue.own.close()  # reopen with the shorter busy timeout
     bound = 1.0 + BUSY_RETRY_BUDGET
     took: list[float] = []
     with sqlite3.connect(client.queue_path, isolation_level=None) as blocker:

@@ -97,13 +97,16 @@ class QueueDirectory:
         self._turn = 0
         # True once close() removed our (empty) file: a later write makes a new one.
         self._retired = False
-        self._own = self._open_own()
+        self._own_name = ""
+        # The files already there first: one of another app, or unsafe, is refused before
+        # this process writes anything.
         self._scan()
+        self._own = self._open_own()
 
     # --- this process's own file --------------------------------------------------------
 
     def _open_own(self) -> SQLiteQueue:
-        name = writer_file_name(os.getpid(), secrets.token_hex(8))
+        name = self._own_name = writer_file_name(os.getpid(), secrets.token_hex(8))
         queue = SQLiteQueue(self.directory, self.app_id, name=name, owned=True, **self._own_options)
         self._adopt(queue)
         return queue
@@ -140,13 +143,15 @@ class QueueDirectory:
 
     @property
     def path(self) -> Path:
-        """This process's own queue file."""
-        return self.own.path
+        """This process's own queue file (after `close`, the one it wrote until then)."""
+        if self._pid != os.getpid():
+            self.after_fork()
+        return self._own.path
 
     @property
     def unavailable(self) -> StorageUnavailableError | None:
         """Why this process's own file could not be opened yet, or None once open."""
-        return self.own.unavailable
+        return self._own.unavailable
 
     def after_fork(self) -> None:
         """In a forked child: the parent's file is the parent's; write to a new one.
@@ -243,7 +248,7 @@ class QueueDirectory:
         with self._guard:
             present = {path.name for path in queue_files(self.directory)}
             for name in list(self._files):
-                if name not in present and self._files[name] is not self._own:
+                if name not in present and name != self._own_name:
                     self._forget(self._files[name])
             for name in present:
                 if name not in self._files:
@@ -455,33 +460,46 @@ class QueueDirectory:
         return removed
 
     def close(self, *, timeout: float | None = None) -> bool:
-        """Close every file; remove our own if it is empty and nobody else is flushing."""
+        """Close every file and retire our own: a later write starts a new one.
+
+        Our file is removed if it is empty and nobody else is flushing; otherwise its lock is
+        released, so whichever process flushes next drains it like a dead process's file.
+        Returns False if a connection was in use past ``timeout`` (nothing retired then).
+        """
         with self._guard:
             queues = list(self._files.values())
         closed = True
         for queue in queues:
             if queue is not self._own:
                 closed = queue.close(timeout=timeout) and closed
-        own = self._own
-        if self._retired:
+        if self._retired or self._pid != os.getpid():
             return closed
-        if self._pid == os.getpid() and own.removable():
-            lock = flush_lock(self.directory)
-            with contextlib.suppress(OSError, StorageError, filelock.Timeout):
-                create_private_file(self.directory / FLUSH_LOCK_NAME)
-                lock.acquire(timeout=0)
-            if lock.is_locked:
-                try:
-                    if own.close(timeout=timeout):
-                        with self._guard:
-                            self._files.pop(own.path.name, None)
-                            self._retired = True
-                        _unlink_files(own.path)
-                        own.drop_owner_lock(unlink=True)
-                        return closed
-                finally:
-                    lock.release()
-        return own.close(timeout=timeout) and closed
+        own = self._own
+        removable = own.removable()
+        if not own.close(timeout=timeout):
+            return False
+        with self._guard:
+            self._files.pop(own.path.name, None)
+            self._retired = True
+        if removable and self._remove_own(own):
+            return closed
+        own.drop_owner_lock(unlink=False)
+        return closed
+
+    def _remove_own(self, own: SQLiteQueue) -> bool:
+        """Remove our closed, empty file, under the flush lock (no flusher has it open)."""
+        lock = flush_lock(self.directory)
+        with contextlib.suppress(OSError, StorageError, filelock.Timeout):
+            create_private_file(self.directory / FLUSH_LOCK_NAME)
+            lock.acquire(timeout=0)
+        if not lock.is_locked:
+            return False
+        try:
+            _unlink_files(own.path)
+            own.drop_owner_lock(unlink=True)
+        finally:
+            lock.release()
+        return True
 
 
 @contextlib.contextmanager
@@ -489,7 +507,7 @@ def _owner_gone(db: Path) -> Iterator[bool]:
     """Whether the writer of ``db`` is dead; while True, its lock is held by us."""
     lock = lock_path_of(db)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         # No lock file: created before its lock (a crash in between), or deleted by hand.
         # Only the process id can tell; a reused id keeps the file until that process ends.

@@ -350,7 +350,13 @@ class QueueStorage:
         """`_initialise`'s body; the caller holds the init lock."""
         if not self.create:
             check_private_file(self.path)
-            owner = self._prepare_schema()
+            try:
+                owner = self._prepare_schema()
+            except QueueCorruptError as exc:
+                if self.self_heal:
+                    # Another process's file: set aside (kept), never started afresh here.
+                    self._move_aside(exc, QUARANTINE_KIND)
+                raise
         else:
             if self.owned:
                 self._hold_owner_lock()
@@ -386,7 +392,9 @@ class QueueStorage:
             self._owner_fd = None
         create_private_file(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Read-only: flock needs no write access, and a descriptor open for writing
+            # would keep the filesystem from being remounted read-only.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise StorageUnavailableError(
                 f"cannot open {path}: {exc.strerror or exc}", path=str(path)
