@@ -218,20 +218,21 @@ class _QueueView:
 
         try:
             with self.target.open(self.settings) as reader:
-                head = reader.head()
                 files = [
                     {
-                        "path": str(reader.path),
-                        "pending": reader.depth(),
-                        "oldest_age": None if head is None else _age(head[1]),
-                        "size": reader.file_size(),
-                        "dead_letters": reader.dead_letter_count(),
+                        "path": str(file.path),
+                        "pending": file.depth(),
+                        "oldest_age": None if (head := file.head()) is None else _age(head[1]),
+                        "size": file.file_size(),
+                        "dead_letters": file.dead_letter_count(),
                     }
+                    for file in reader.files
                 ]
                 rows = itertools.islice(reader.iter_dead_letters(), UI_DEAD_LETTERS)
                 letters = [
                     {
                         "id": row.id,
+                        "file": row.file,
                         "failed_at": row.failed_at,
                         "reason": row.reason,
                         "status_code": row.status_code,
