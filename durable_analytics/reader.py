@@ -312,8 +312,9 @@ class FileReader:
         return [(str(row[0]), int(row[1])) for row in rows]
 
     def checkpoints(self) -> dict[str, tuple[str, str]]:
-        """Each batch job's checkpoint: name -> (value, updated_at); empty before schema 4."""
-        if self.schema_version() < 4:
+        """Each batch job's checkpoint: name -> (value, updated_at); empty in a file made
+        before batch jobs had checkpoints (no such table)."""
+        if not self.columns("checkpoints"):
             return {}
         return {str(n): (str(v), str(at)) for n, v, at in self._query(SELECT_CHECKPOINTS)}
 
@@ -339,8 +340,8 @@ class FileReader:
         params = where.params(dead_letters=True, file=self.name)
         if params is None:
             return
-        # dead_letter.response came with schema step 3; the reader never migrates a file.
-        response = "response" if self.schema_version() >= 3 else "NULL"
+        # dead_letter.response came with a later schema step; the reader never migrates a file.
+        response = "response" if "response" in self.columns("dead_letter") else "NULL"
         sql = SELECT_DEAD_LETTERS_PAGE.format(response=response)
         for row in self._pages(sql, params, page_size):
             payload, unreadable = check_payload(row[7])
