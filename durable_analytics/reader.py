@@ -74,6 +74,7 @@ SELECT_QUEUE_TABLES: Final = (
     "AND name IN ('events', 'dead_letter', 'queue_meta', 'queue_counts')"
 )
 _QUEUE_TABLES: Final = frozenset({"events", "dead_letter", "queue_meta", "queue_counts"})
+COUNT_SCHEMA_OBJECTS: Final = "SELECT count(*) FROM sqlite_master"
 SELECT_ALL_META: Final = "SELECT key, value FROM queue_meta ORDER BY key"
 SELECT_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints ORDER BY name"
 # Filters travel as JSON arrays (or NULL for "any"), so one prepared statement serves every
@@ -638,8 +639,13 @@ def open_file_reader(
         try:
             for pragma in INSPECT_PRAGMAS:
                 conn.execute(pragma)
-            migrations.check_version(conn, str(db))
+            version = migrations.check_version(conn, str(db))
             tables = {row[0] for row in conn.execute(SELECT_QUEUE_TABLES)}
+            if version == 0 and owner_pid(db) is not None and _is_blank(conn):
+                # A writer creating its file right now (its schema not committed yet): it
+                # holds no event, and must not make the whole queue unreadable meanwhile.
+                conn.close()
+                return None
             if tables != _QUEUE_TABLES:
                 missing = ", ".join(sorted(_QUEUE_TABLES - tables))
                 raise QueueMismatchError(
@@ -661,6 +667,10 @@ def open_file_reader(
         conn.close()
         raise
     return FileReader(db, conn, meta)
+
+
+def _is_blank(conn: sqlite3.Connection) -> bool:
+    return not conn.execute(COUNT_SCHEMA_OBJECTS).fetchone()[0]
 
 
 def _lenient_text(data: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from durable_analytics.cli import cli
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import QueueMismatchError
 from durable_analytics.events import EncodedEvent
+from durable_analytics.metrics import read_queue
 from durable_analytics.paths import DB_NAME, lock_path_of, writer_file_name
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.reader import EventFilter, open_reader, owner_state, queue_exists
@@ -337,3 +339,35 @@ def test_flush_counts_what_was_pending_in_every_file_at_its_start(
     assert result.exit_code == (0 if info["remaining"] == 0 else 1)
     with open_reader(two_files) as reader:
         assert reader.depth() == info["remaining"]
+
+
+def test_a_writer_file_still_being_created_is_skipped(two_files: Path) -> None:
+    """A writer's new file whose schema is not committed yet (a valid SQLite file with no
+    tables) holds no event and does not make the queue unreadable; a file of that name that
+    holds other tables is still refused."""
+    blank = writer_file_name(1005, "e" * 16)
+    conn = sqlite3.connect(two_files / blank)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    os.chmod(two_files / blank, 0o600)
+    assert (two_files / blank).stat().st_size > 0
+    with open_reader(two_files) as reader:
+        assert [f.name for f in reader.files] == [A, B]
+    assert run("status", "--dir", str(two_files)).exit_code == 0
+
+    conn = sqlite3.connect(two_files / blank)
+    conn.execute("CREATE TABLE customers (name TEXT)")
+    conn.close()
+    assert run("status", "--dir", str(two_files)).exit_code == 5
+
+
+def test_the_metrics_gauges_cover_every_file(two_files: Path) -> None:
+    """metrics.read_queue (status --prometheus, the collectors) sums the files."""
+    with open_reader(two_files) as reader:
+        snapshot = read_queue(reader)
+    assert snapshot.pending == 4
+    assert snapshot.dead_letters == {"rejected_400": 2, "rejected_422": 1}
+    assert snapshot.size_bytes == sum(
+        os.stat(two_files / name).st_size + os.stat(str(two_files / name) + "-wal").st_size
+        for name in (A, B)
+    )

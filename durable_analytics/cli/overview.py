@@ -212,7 +212,7 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
         ("pending", f"{info['depth']} event(s){age}"),
         ("by event", ", ".join(f"{k} {v}" for k, v in info["pending_by_event"].items()) or "-"),
         ("dead letters", f"{info['dead_letters']}" + (f" ({reasons})" if reasons else "")),
-        ("size", f"{format_size(info['file_bytes'])} (database + WAL)"),
+        ("size", f"{format_size(info['file_bytes'])} (databases + WALs)"),
         ("flusher", flusher),
         ("created", info["created_at"] or "-"),
         (

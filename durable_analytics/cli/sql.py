@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
+from types import FrameType
 
 import click
 
@@ -111,13 +112,19 @@ def sql(
         script = init_script(files, keep_bail="-bail" in args or "--bail" in args)
     with _private_file(script) as init:
         argv = [binary, "-cmd", f".read {_dot_quote(init)}", *shell_args(args)]
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the shell's
+        # Ctrl-C is the shell's (it interrupts a query); this process waits on. A Python handler,
+        # not SIG_IGN, which the shell would inherit across exec.
+        previous = signal.signal(signal.SIGINT, _ignore)
         try:
             code = subprocess.call(argv)
         finally:
             signal.signal(signal.SIGINT, previous)
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    del signum, frame
 
 
 def _chosen(files: list[FileReader], only: tuple[str, ...]) -> list[FileReader]:
