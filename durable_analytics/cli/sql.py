@@ -67,7 +67,7 @@ class ShellMissing(CLIError):
     show_default=True,
     help="The sqlite3 shell to run (a name looked up on PATH, or a path).",
 )
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[-- SQLITE3 ARGS...]")
 @click.pass_obj
 def sql(
     settings: _Settings,
@@ -82,14 +82,15 @@ def sql(
     `events`, `dead_letter`, `checkpoints` and `queue_meta` are views over every queue file
     of the directory (attached read-only as f1, f2, ...), each with a first column `file`,
     the file's name. Arguments after `--` go to sqlite3: its options, then SQL to run instead
-    of the interactive prompt, e.g.
+    of the interactive prompt (no database file: the command gives it), e.g.
 
-        durable-analytics sql --app-id my-app -- -header -column "SELECT count(*) FROM events"
+    \b
+      durable-analytics sql --app-id my-app -- -header -column "SELECT count(*) FROM events"
 
-    (no database file: the command gives it). The shell's main database is in memory, so
-    nothing is written. SQLite attaches at most 10 files unless compiled otherwise: with more
-    queue files, choose some with --file, or open one with `sqlite3 -readonly PATH`. Exits
-    with the shell's exit code; 1 if sqlite3 is not installed.
+    The shell's main database is in memory, so nothing is written. SQLite attaches at most 10
+    files unless compiled otherwise: with more queue files, choose some with --file, or open
+    one with `sqlite3 -readonly PATH`. Exits with the shell's exit code; 1 if sqlite3 is not
+    installed.
     """
     binary = shutil.which(shell)
     if binary is None:
