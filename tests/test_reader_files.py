@@ -371,3 +371,24 @@ def test_the_metrics_gauges_cover_every_file(two_files: Path) -> None:
         os.stat(two_files / name).st_size + os.stat(str(two_files / name) + "-wal").st_size
         for name in (A, B)
     )
+
+
+def test_the_ui_queue_view_shows_each_file_and_replays_in_the_right_one(two_files: Path) -> None:
+    """The debugger's Queue tab: one entry per file, dead letters naming their file; a replay
+    with the file changes that file's row, a bare id is refused while both hold some."""
+    from durable_analytics.cli._common import QueueTarget, _Settings
+    from durable_analytics.cli.local import _QueueView
+    from durable_analytics.devtools.debugger import QueueViewError
+
+    view = _QueueView(QueueTarget(directory=two_files), _Settings(lock_timeout=5.0))
+    snapshot = view.snapshot()
+    assert [(Path(f["path"]).name, f["pending"], f["dead_letters"]) for f in snapshot["files"]] == [
+        (A, 2, 2),
+        (B, 2, 1),
+    ]
+    assert [(d["file"], d["id"]) for d in snapshot["dead_letters"]] == [(A, 1), (A, 2), (B, 1)]
+    with pytest.raises(QueueViewError, match="ambiguous"):
+        view.replay(1)
+    assert view.replay(1, file=B) == {"matched": 1, "replayed": 1}
+    with open_reader(two_files) as reader:
+        assert [f.dead_letter_count() for f in reader.files] == [2, 0]

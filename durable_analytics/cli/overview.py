@@ -243,6 +243,7 @@ def _describe_file(file: FileReader) -> dict[str, Any]:
         "path": str(file.path),
         "depth": file.depth(),
         "oldest_created_at": head[1] if head else None,
+        "last_id": file.last_id(),
         "dead_letters": file.dead_letter_count(),
         "file_bytes": file.file_size(),
         "schema_version": file.schema_version(),
