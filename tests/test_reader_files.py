@@ -392,3 +392,12 @@ def test_the_ui_queue_view_shows_each_file_and_replays_in_the_right_one(two_file
     assert view.replay(1, file=B) == {"matched": 1, "replayed": 1}
     with open_reader(two_files) as reader:
         assert [f.dead_letter_count() for f in reader.files] == [2, 0]
+
+
+def test_an_id_in_a_file_the_queue_does_not_have_is_a_usage_error(two_files: Path) -> None:
+    """--id events-9-….db:1 (a typo, a file cleaned up since) is refused naming the files,
+    rather than replaying nothing in silence."""
+    missing = writer_file_name(9, "f" * 16)
+    result = run("dead-letters", "replay", "--dir", str(two_files), "--id", f"{missing}:1")
+    assert result.exit_code == 2
+    assert missing in result.stderr and A in result.stderr and B in result.stderr

@@ -192,8 +192,17 @@ class RowId(_RowIdType):
 def check_bare_ids(reader: QueueReader, where: EventFilter, *, dead_letters: bool) -> None:
     """Refuse a bare ``--id N`` while several files hold rows of the table: ids are per file.
 
+    Also refuses a ``<file>:<id>`` whose file is not one of the queue's (a typo, or a file
+    removed since it was listed).
+
     :raises click.UsageError: naming the files, and the ``<file>:<id>`` form to use.
     """
+    unknown = sorted({name for name, _ in where.rows if reader.file(name) is None})
+    if unknown:
+        raise click.UsageError(
+            f"--id: no queue file {', '.join(map(repr, unknown))} here; the files are: "
+            + ", ".join(f.name for f in reader.files)
+        )
     if not where.ids:
         return
     holders = reader.files_with_rows(dead_letters=dead_letters)
