@@ -103,9 +103,10 @@ class QueueSnapshot:
     """What a queue on disk holds now (`read_queue`)."""
 
     app_id: str
-    #: Events waiting to be delivered, written by any process.
+    #: Events waiting to be delivered, written by any process (every file of the queue).
     pending: int
-    #: The queue file on disk, database plus WAL (pending events, dead letters, free pages).
+    #: The queue's files on disk, each database plus WAL (pending events, dead letters, free
+    #: pages), summed over every file of the directory.
     size_bytes: int
     #: Seconds since the oldest pending event's ``created_at`` (0 when none is pending).
     oldest_age_seconds: float
@@ -150,7 +151,7 @@ def _queue_families() -> dict[str, Family]:
         "size": Family(
             PREFIX + "queue_size_bytes",
             "gauge",
-            "Bytes the queue file takes on disk (database + WAL).",
+            "Bytes the queue's files take on disk (every database + WAL).",
         ),
         "oldest": Family(
             PREFIX + "queue_oldest_event_age_seconds",

@@ -1056,7 +1056,7 @@ def test_peek_reads_around_unreadable_payloads(queue_dir: Path) -> None:
             assert "unreadable" not in row
     assert rows[1]["stored_payload"] == '{"a":"b\ufffd"}'
     assert result.stderr.splitlines() == [
-        f'warning: events row {i}: {why}; marked "unreadable" in the output'
+        f'warning: events row queue.db:{i}: {why}; marked "unreadable" in the output'
         for i, (_, why) in BAD_PAYLOADS.items()
     ]
     pretty = run("peek", "--dir", str(queue_dir), "--pretty", "--payload-only")
@@ -1077,7 +1077,7 @@ def test_export_payload_only_leaves_out_unreadable_rows_and_exits_1(queue_dir: P
     assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
         ids[0], ids[4], ids[5]
     ]  # fmt: skip
-    assert "warning: events row 2: payload is not valid UTF-8" in result.stderr
+    assert "warning: events row queue.db:2: payload is not valid UTF-8" in result.stderr
     assert "exported 3 event(s)" in result.stderr
     assert "Error: 3 unreadable row(s) left out" in result.stderr
     full = run("export", "--dir", str(queue_dir))
@@ -1102,7 +1102,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
         rows = json_lines(result.stdout)
         assert [r["unreadable"] for r in rows[1:4]] == [why for _, why in BAD_PAYLOADS.values()]
         assert rows[0]["payload"]["type"] == "track"
-        assert "warning: dead_letter row 3: payload is not JSON" in result.stderr
+        assert "warning: dead_letter row queue.db:3: payload is not JSON" in result.stderr
     assert table.exit_code == 0 and len(table.stdout.splitlines()) == 7
     assert json.loads(status.stdout)["dead_letters_by_reason"] == {"rejected_400": 6}
 

@@ -14,6 +14,7 @@ One module per kind of work; the group defined here adds each module's commands:
 - ``reading``: ``peek``, ``export``
 - ``flushing``: ``flush``
 - ``dead_letters``: ``dead-letters list | replay | purge``
+- ``sql``: ``sql``, the sqlite3 shell on every file of a queue
 - ``local``: ``collect``, ``ui``, ``demo``, the hidden ``demo-worker``
 
 Exit codes (docs/cli.md):
@@ -24,9 +25,10 @@ Exit codes (docs/cli.md):
       its start (refused into dead_letter, or still pending at --timeout), export could not
       write --out or left unreadable rows out, a --reason of replay/purge names no dead
       letter, the demo lost an event, the collector could not listen, a confirmation was
-      declined
+      declined, the sqlite3 shell is not installed (sql; otherwise sql exits with the
+      shell's own code)
 2     usage: a bad option or argument (export --out in a missing directory), invalid
-      configuration, no queue named, --yes missing
+      configuration, no queue named, --yes missing, sql on more files than sqlite3 attaches
 3     no queue at the location given (nothing is created)
 4     queue busy or unavailable for now: locked past ``--lock-timeout``, another process is
       flushing it (--no-wait), or the disk is read-only, full or not permitted; may pass
@@ -41,7 +43,7 @@ from __future__ import annotations
 import click
 
 from .._version import __version__
-from . import dead_letters, flushing, local, overview, reading
+from . import dead_letters, flushing, local, overview, reading, sql
 from ._common import (
     EXIT_BUSY,
     EXIT_FAILURE,
@@ -109,6 +111,7 @@ cli.add_command(reading.peek)
 cli.add_command(reading.export)
 cli.add_command(flushing.flush)
 cli.add_command(dead_letters.dead_letters)
+cli.add_command(sql.sql)
 cli.add_command(local.collect)
 cli.add_command(local.ui)
 cli.add_command(local.demo)

@@ -27,15 +27,16 @@ from ..errors import (
     StorageUnavailableError,
 )
 from ..events import format_timestamp
-from ..queue.paths import DB_NAME, state_dir
+from ..queue.paths import state_dir
 from ..queue.reader import EventFilter, QueueReader, open_reader, queue_exists
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
     _ParamType = click.ParamType[str, Any]
+    _RowIdType = click.ParamType[int | tuple[str, int], Any]
 else:  # click < 8.5 has no generic ParamType at run time
-    _ParamType = click.ParamType
+    _ParamType = _RowIdType = click.ParamType
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -170,6 +171,50 @@ class TimeBound(_ParamType):
             )
 
 
+class RowId(_RowIdType):
+    """A row of a queue: ``<file>:<id>`` (the file's name, as listings print it) or a bare
+    ``<id>``, which `check_bare_ids` accepts while one file at most holds such rows."""
+
+    name = "[FILE:]ID"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int] | int:
+        """Parse ``value``: an int, or (file, id); a bad one is a usage error."""
+        if isinstance(value, (int, tuple)):
+            return value
+        name, sep, number = str(value).strip().rpartition(":")
+        if number.isdigit() and (not sep or name):
+            return (name, int(number)) if sep else int(number)
+        self.fail(f"{value!r} is not <file>:<id> (events-123-….db:17) or an id", param, ctx)
+
+
+def check_bare_ids(reader: QueueReader, where: EventFilter, *, dead_letters: bool) -> None:
+    """Refuse a bare ``--id N`` while several files hold rows of the table: ids are per file.
+
+    Also refuses a ``<file>:<id>`` whose file is not one of the queue's (a typo, or a file
+    removed since it was listed).
+
+    :raises click.UsageError: naming the files, and the ``<file>:<id>`` form to use.
+    """
+    unknown = sorted({name for name, _ in where.rows if reader.file(name) is None})
+    if unknown:
+        raise click.UsageError(
+            f"--id: no queue file {', '.join(map(repr, unknown))} here; the files are: "
+            + ", ".join(f.name for f in reader.files)
+        )
+    if not where.ids:
+        return
+    holders = reader.files_with_rows(dead_letters=dead_letters)
+    if len(holders) > 1:
+        table = "dead letters" if dead_letters else "pending events"
+        example = f"{holders[0]}:{where.ids[0]}"
+        raise click.UsageError(
+            f"--id {where.ids[0]} is ambiguous: {len(holders)} files hold {table} "
+            f"({', '.join(holders)}); name the row as <file>:<id>, e.g. --id {example}"
+        )
+
+
 # --- choosing a queue, and filters -----------------------------------------------------------
 
 
@@ -217,7 +262,7 @@ class QueueTarget:
         """
         path, app = self.resolve()
         if not queue_exists(path):
-            raise QueueNotFound(f"no queue at {path / DB_NAME}")
+            raise QueueNotFound(f"no queue at {path} (no queue file in it)")
         return open_reader(path, app_id=app, busy_timeout=settings.lock_timeout)
 
 
@@ -243,10 +288,14 @@ def _filter_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, events: tuple[str, ...], types: tuple[str, ...],
-                distinct_ids: tuple[str, ...], message_ids: tuple[str, ...], ids: tuple[int, ...],
-                since: str | None, until: str | None, reasons: tuple[str, ...],
-                **kwargs: Any) -> Any:  # fmt: skip
-        where = EventFilter(events, types, distinct_ids, message_ids, ids, since, until, reasons)
+                distinct_ids: tuple[str, ...], message_ids: tuple[str, ...],
+                ids: tuple[int | tuple[str, int], ...], since: str | None, until: str | None,
+                reasons: tuple[str, ...], **kwargs: Any) -> Any:  # fmt: skip
+        bare = tuple(i for i in ids if isinstance(i, int))
+        rows = tuple(i for i in ids if isinstance(i, tuple))
+        where = EventFilter(
+            events, types, distinct_ids, message_ids, bare, since, until, reasons, rows
+        )
         return func(*args, where=where, **kwargs)
 
     options = [
@@ -262,7 +311,13 @@ def _filter_options(func: F) -> F:
         click.option(
             "--message-id", "message_ids", multiple=True, help="The event_id (repeatable)."
         ),
-        click.option("--id", "ids", multiple=True, type=int, help="Row id (repeatable)."),
+        click.option(
+            "--id",
+            "ids",
+            multiple=True,
+            type=RowId(),
+            help="Row as <file>:<id>, as listed (repeatable); a bare id if one file has rows.",
+        ),
         click.option("--since", type=TimeBound(), help="created_at at or after TIME (or 2h, 7d)."),
         click.option("--until", type=TimeBound(), help="created_at before TIME (or 30m)."),
         click.option(

@@ -22,6 +22,7 @@ from ._common import (
     _progress,
     _queue_options,
     _Settings,
+    check_bare_ids,
 )
 from .reading import _row_line, _warn_unreadable
 
@@ -40,13 +41,15 @@ def dead_letters() -> None:
 def dead_letters_list(
     settings: _Settings, /, target: QueueTarget, where: EventFilter, limit: int, as_json: bool
 ) -> None:
-    """Show dead letters, oldest first: when and why they failed, and the event.
+    """Show dead letters, file by file, oldest first: when and why they failed, and the event.
 
-    --json prints JSON lines, as `export --dead-letters` does.
+    Each is named <file>:<id> (ids are per queue file), the form --id of replay and purge
+    takes. --json prints JSON lines, as `export --dead-letters` does.
     """
     table = [("ID", "FAILED AT", "REASON", "STATUS", "EVENT", "DISTINCT ID", "MESSAGE ID")]
     shown = 0
     with target.open(settings) as reader:
+        check_bare_ids(reader, where, dead_letters=True)
         total = reader.count(where, dead_letters=True)
         for row in reader.iter_dead_letters(where, page_size=min(limit, _PAGE) or _PAGE):
             shown += 1
@@ -57,8 +60,8 @@ def dead_letters_list(
             else:
                 status_code = "-" if row.status_code is None else str(row.status_code)
                 table.append(
-                    (str(row.id), row.failed_at, row.reason, status_code, row.event or "-",
-                     row.distinct_id or "-", row.message_id)
+                    (f"{row.file}:{row.id}", row.failed_at, row.reason, status_code,
+                     row.event or "-", row.distinct_id or "-", row.message_id)
                 )  # fmt: skip
             if shown == limit:
                 break
@@ -87,35 +90,47 @@ def _change_dead_letters(
 ) -> tuple[int, int]:
     """Apply ``change`` (replay or purge) to the matching dead letters, a page at a time.
 
-    Returns (matched, changed). ``change=None`` is a dry run.
+    Each row is changed in the queue file it lives in. Returns (matched, changed).
+    ``change=None`` is a dry run.
     """
     if where.is_empty and not select_all:
         raise click.UsageError("choose dead letters with --reason, --id, ... or --all")
     with target.open(settings) as reader:
+        check_bare_ids(reader, where, dead_letters=True)
         total = reader.count(where, dead_letters=True)
         if total == 0 and where.reasons:
             _check_reasons(where.reasons, dict(reader.dead_letters_by_reason()))
         if change is None or total == 0:
             return total, 0
-        confirm(total, reader.path)
-        # Writes go through the library's queue (its locks and transactions), one page per
-        # transaction; the reader pages by id, so removed rows never shift the next page.
-        queue = SQLiteQueue(reader.directory, reader.app_id, busy_timeout=settings.lock_timeout)
+        confirm(total, reader.directory)
         done = 0
-        try:
-            with _progress(total, label) as bar:
-                page: list[int] = []
-                for row in reader.iter_dead_letters(where, page_size=_PAGE):
-                    page.append(row.id)
-                    if len(page) == _PAGE:
+        with _progress(total, label) as bar:
+            for file in reader.files:
+                if not file.count(where, dead_letters=True):
+                    continue
+                # Writes go through the library's queue (its locks and transactions) on that
+                # very file, never creating it; one page per transaction. The reader pages by
+                # id, so removed rows never shift the next page.
+                queue = SQLiteQueue(
+                    reader.directory,
+                    reader.app_id,
+                    busy_timeout=settings.lock_timeout,
+                    name=file.name,
+                    create=False,
+                )
+                try:
+                    page: list[int] = []
+                    for row in file.iter_dead_letters(where, _PAGE):
+                        page.append(row.id)
+                        if len(page) == _PAGE:
+                            done += change(queue, page)
+                            bar.update(len(page))
+                            page = []
+                    if page:
                         done += change(queue, page)
                         bar.update(len(page))
-                        page = []
-                if page:
-                    done += change(queue, page)
-                    bar.update(len(page))
-        finally:
-            queue.close()
+                finally:
+                    queue.close()
     return total, done
 
 
@@ -194,7 +209,7 @@ def dead_letters_purge(
             return
         if not _can_ask():
             raise click.UsageError(f"refusing to delete {total} dead letter(s) without --yes")
-        click.confirm(f"Delete {total} dead letter(s) from {path} for good?", abort=True)
+        click.confirm(f"Delete {total} dead letter(s) in {path} for good?", abort=True)
 
     change = None if dry_run else SQLiteQueue.purge_dead_letters
     total, done = _change_dead_letters(

@@ -66,13 +66,15 @@ def flush(
     stats: dict[str, Any] = {}
     url = None
     with target.open(settings) as reader:
-        last_id = reader.last_id()
-        dead_before = reader.last_dead_letter_id()
-        at_start = remaining = reader.pending_through(last_id)
+        # What "pending now" means: each file's newest id at the start. Ids are per file, and
+        # events appended later (or in files made later) are left to the app.
+        marks = reader.last_ids()
+        dead_before = reader.last_dead_letter_ids()
+        at_start = remaining = reader.pending_through(marks)
         if at_start and flush_lock_held(reader.directory):
             if not wait:
                 raise QueueBusy(
-                    f"another process is flushing {reader.path} (it holds flush.lock); "
+                    f"another process is flushing {reader.directory} (it holds flush.lock); "
                     "nothing sent. Leave out --no-wait to wait for it."
                 )
             click.echo("another process is flushing this queue; waiting for it", err=True)
@@ -91,18 +93,19 @@ def flush(
             )
             url = client.config.base_url
             try:
-                remaining = _drive_flush(client, reader, last_id, at_start, timeout)
+                remaining = _drive_flush(client, reader, marks, at_start, timeout)
                 stats = dict(client.stats())
             finally:
                 client.shutdown(timeout=1.0)
         # Counted on disk, whichever process moved them. A dead letter the app made meanwhile
         # of an event appended after the start would count too: hence the clamp.
-        by_reason = dict(reader.dead_letters_by_reason(after_id=dead_before)) if at_start else {}
+        by_reason = dict(reader.dead_letters_by_reason(after=dead_before)) if at_start else {}
         dead_lettered = min(sum(by_reason.values()), at_start - remaining)
         delivered = at_start - remaining - dead_lettered
         result = {
             "app_id": reader.app_id,
-            "queue": str(reader.path),
+            "queue": str(reader.directory),
+            "files": len(reader.files),
             "base_url": url,
             "pending_at_start": at_start,
             "delivered": delivered,
@@ -145,12 +148,13 @@ def _shortfall(result: dict[str, Any]) -> str:
 
 
 def _drive_flush(
-    client: Analytics, reader: QueueReader, last_id: int, at_start: int, timeout: float
+    client: Analytics, reader: QueueReader, marks: dict[str, int], at_start: int, timeout: float
 ) -> int:
     """Run ``client.flush`` in a thread, show progress, return what is still pending.
 
-    Progress is counted on disk (events with an id up to ``last_id`` still there), so it
-    moves whether this process or another one is the flusher.
+    Progress is counted on disk (events with an id up to their file's mark in ``marks`` still
+    there; a file removed meanwhile counts 0), so it moves whether this process or another
+    one is the flusher.
     """
     deadline = None if timeout == 0 else time.monotonic() + timeout
     worker = threading.Thread(
@@ -164,7 +168,7 @@ def _drive_flush(
             if deadline is not None and now >= deadline:
                 break
             worker.join(0.1 if deadline is None else min(0.1, deadline - now))
-            left = reader.pending_through(last_id)
+            left = reader.pending_through(marks)
             bar.update(max(0, remaining - left))
             remaining = left
             if remaining and not worker.is_alive():

@@ -218,20 +218,21 @@ class _QueueView:
 
         try:
             with self.target.open(self.settings) as reader:
-                head = reader.head()
                 files = [
                     {
-                        "path": str(reader.path),
-                        "pending": reader.depth(),
-                        "oldest_age": None if head is None else _age(head[1]),
-                        "size": reader.file_size(),
-                        "dead_letters": reader.dead_letter_count(),
+                        "path": str(file.path),
+                        "pending": file.depth(),
+                        "oldest_age": None if (head := file.head()) is None else _age(head[1]),
+                        "size": file.file_size(),
+                        "dead_letters": file.dead_letter_count(),
                     }
+                    for file in reader.files
                 ]
                 rows = itertools.islice(reader.iter_dead_letters(), UI_DEAD_LETTERS)
                 letters = [
                     {
                         "id": row.id,
+                        "file": row.file,
                         "failed_at": row.failed_at,
                         "reason": row.reason,
                         "status_code": row.status_code,
@@ -254,11 +255,19 @@ class _QueueView:
         except (click.ClickException, DurableAnalyticsError, OSError) as exc:
             raise QueueViewError(_message(exc)) from exc
 
-    def replay(self, dead_letter_id: int) -> dict[str, Any]:
-        """`dead-letters replay --id <id>`: the same code, run for the page's button."""
+    def replay(self, dead_letter_id: int, file: str | None = None) -> dict[str, Any]:
+        """`dead-letters replay --id <file>:<id>`: the same code, run for the page's button.
+
+        Without ``file`` the id is bare: refused while several files hold dead letters (each
+        dead letter of `snapshot` names its ``file`` for the page to send).
+        """
         from ..devtools.debugger import QueueViewError
 
-        where = EventFilter(ids=(dead_letter_id,))
+        where = (
+            EventFilter(ids=(dead_letter_id,))
+            if file is None
+            else EventFilter(rows=((file, dead_letter_id),))
+        )
         try:
             matched, replayed = _change_dead_letters(
                 self.settings,
@@ -271,7 +280,8 @@ class _QueueView:
         except (click.ClickException, DurableAnalyticsError, OSError) as exc:
             raise QueueViewError(_message(exc)) from exc
         if not matched:
-            raise QueueViewError(f"no dead letter has id {dead_letter_id}")
+            name = dead_letter_id if file is None else f"{file}:{dead_letter_id}"
+            raise QueueViewError(f"no dead letter has id {name}")
         return {"matched": matched, "replayed": replayed}
 
 

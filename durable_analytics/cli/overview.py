@@ -15,7 +15,7 @@ from ..config import ENV_PREFIX, default_persistence_dir
 from ..errors import DurableAnalyticsError
 from ..metrics import exposition, queue_families
 from ..queue.paths import state_root
-from ..queue.reader import QueueReader, flush_lock_held, open_reader, queue_exists
+from ..queue.reader import FileReader, QueueReader, flush_lock_held, open_reader, queue_exists
 from ._common import QueueTarget, _echo_json, _json_flag, _print_table, _queue_options, _Settings
 
 # --- formatting ------------------------------------------------------------------------------
@@ -100,6 +100,7 @@ def _describe(reader: QueueReader) -> dict[str, Any]:
         "app_id": reader.app_id,
         "directory": str(reader.directory),
         "path": str(reader.path),
+        "file_count": len(reader.files),
         "depth": reader.depth(),
         "oldest_created_at": oldest,
         "oldest_age_seconds": age_seconds(oldest),
@@ -122,7 +123,8 @@ def _describe(reader: QueueReader) -> dict[str, Any]:
 def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> None:
     """Find queues: app id, depth, oldest event's age, dead letters, size, live flusher.
 
-    Searches <root>/*/queue.db under both default roots, <tempdir>/layers-sdk (where a client
+    Searches <root>/*/ (queue files: events-<pid>-<hex>.db, 0.1's queue.db) under both
+    default roots, <tempdir>/layers-sdk (where a client
     without persistence_dir keeps its queue) and the per-user state directory (where
     durable_analytics.state_dir() puts it), and the directories that
     DURABLE_ANALYTICS_PERSISTENCE_DIR and DURABLE_ANALYTICS_APP_ID point at. A queue that can't
@@ -172,7 +174,10 @@ def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> No
 def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheus: bool) -> None:
     """One queue: depth, oldest pending event, top events, dead letters, size, flusher.
 
-    Read-only: a queue that does not exist is reported (exit 3), never created. --prometheus
+    Sums over every queue file of the directory, then one line per file: its depth, dead
+    letters, size, the writing process's pid and whether it is alive (it holds the file's
+    .lock; "legacy" for 0.1's queue.db, "no lock" for a file without one). Read-only: a
+    queue that does not exist is reported (exit 3), never created. --prometheus
     prints pending events, size, the oldest event's age and dead letters by reason as metrics
     (docs/metrics.md), for node_exporter's textfile collector.
     """
@@ -193,6 +198,7 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
             name: {"value": value, "updated_at": at}
             for name, (value, at) in reader.checkpoints().items()
         }
+        info["files"] = [_describe_file(file) for file in reader.files]
     if as_json:
         _echo_json(info)
         return
@@ -201,12 +207,12 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
     reasons = ", ".join(f"{k} {v}" for k, v in info["dead_letters_by_reason"].items())
     flusher = "running (a process holds flush.lock)" if info["flusher_active"] else "none running"
     for key, value in (
-        ("queue", info["path"]),
+        ("queue", f"{info['directory']} ({info['file_count']} file(s))"),
         ("app id", info["app_id"]),
         ("pending", f"{info['depth']} event(s){age}"),
         ("by event", ", ".join(f"{k} {v}" for k, v in info["pending_by_event"].items()) or "-"),
         ("dead letters", f"{info['dead_letters']}" + (f" ({reasons})" if reasons else "")),
-        ("size", f"{format_size(info['file_bytes'])} (database + WAL)"),
+        ("size", f"{format_size(info['file_bytes'])} (databases + WALs)"),
         ("flusher", flusher),
         ("created", info["created_at"] or "-"),
         (
@@ -218,6 +224,32 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
         ),
     ):
         click.echo(f"{key:<13}{value}")
+    table = [("FILE", "DEPTH", "DEAD", "SIZE", "PID", "OWNER")]
+    for file in info["files"]:
+        pid = "-" if file["owner_pid"] is None else str(file["owner_pid"])
+        table.append(
+            (file["file"], str(file["depth"]), str(file["dead_letters"]),
+             format_size(file["file_bytes"]), pid, file["owner"])
+        )  # fmt: skip
+    click.echo("")
+    _print_table(table)
+
+
+def _describe_file(file: FileReader) -> dict[str, Any]:
+    pid, owner = file.owner()
+    head = file.head()
+    return {
+        "file": file.name,
+        "path": str(file.path),
+        "depth": file.depth(),
+        "oldest_created_at": head[1] if head else None,
+        "last_id": file.last_id(),
+        "dead_letters": file.dead_letter_count(),
+        "file_bytes": file.file_size(),
+        "schema_version": file.schema_version(),
+        "owner_pid": pid,
+        "owner": owner,
+    }
 
 
 def _checkpoints_line(checkpoints: dict[str, dict[str, str]]) -> str:

@@ -24,6 +24,7 @@ from ._common import (
     _progress,
     _queue_options,
     _Settings,
+    check_bare_ids,
 )
 
 Row = PendingEvent | StoredDeadLetter
@@ -41,6 +42,7 @@ def _row_line(row: Row, payload_only: bool, pretty: bool = False) -> str | None:
     if payload_only and not pretty:
         return row.payload
     meta: dict[str, Any] = {
+        "file": row.file,
         "id": row.id,
         "message_id": row.message_id,
         "type": row.type,
@@ -67,7 +69,7 @@ def _warn_unreadable(row: Row, left_out: bool) -> None:
     """One line on stderr per unreadable row: which row, why, and whether the output has it."""
     table = "dead_letter" if isinstance(row, DeadLetter) else "events"
     shown = "left out (--payload-only)" if left_out else 'marked "unreadable" in the output'
-    click.echo(f"warning: {table} row {row.id}: {row.unreadable}; {shown}", err=True)
+    click.echo(f"warning: {table} row {row.file}:{row.id}: {row.unreadable}; {shown}", err=True)
 
 
 def _rows(
@@ -75,6 +77,7 @@ def _rows(
 ) -> Iterator[Row]:
     if where.reasons and not dead_letters:
         raise click.UsageError("--reason applies to dead letters (add --dead-letters)")
+    check_bare_ids(reader, where, dead_letters=dead_letters)
     if dead_letters:
         yield from reader.iter_dead_letters(where, page_size=page_size)
     else:
@@ -106,6 +109,9 @@ def peek(
     pretty: bool,
 ) -> None:
     """Print the oldest pending events (or dead letters) as JSON lines.
+
+    File by file (queue.db first, then the writers' files by name), oldest first within a
+    file; each line names its "file", and --id takes <file>:<id>.
 
     A row whose payload is not a JSON object (written by hand, damaged) is printed as a
     marked record ("payload": null, "unreadable": why), or left out with --payload-only, and
@@ -154,7 +160,7 @@ def export(
     payload_only: bool,
     page_size: int,
 ) -> None:
-    """Stream pending events (or dead letters) as JSON lines, oldest first.
+    """Stream pending events (or dead letters) as JSON lines, file by file, oldest first.
 
     Reads --page-size rows per query, by id, so a million events never sit in memory and the
     app keeps writing and flushing meanwhile. Each line has the row's columns and the stored
