@@ -35,8 +35,10 @@ import filelock
 from ..errors import QueueMismatchError, StorageUnavailableError, UnsafePathError
 from . import migrations
 from .file import COUNT_DEAD_LETTERS, SELECT_HEAD, SELECT_LAST_ID, DeadLetter
+from .migrations import SCHEMA_VERSION
 from .paths import (
     FLUSH_LOCK_NAME,
+    INIT_LOCK_NAME,
     check_private_file,
     ensure_private_dir,
     file_size,
@@ -387,16 +389,19 @@ class QueueReader:
     in one global order, so neither is a listing.
     """
 
-    def __init__(self, directory: Path, files: list[FileReader]) -> None:
+    def __init__(self, directory: Path, files: list[FileReader], app_id: str = "") -> None:
         self.directory = directory
-        #: One reader per queue file, in `queue_files` order.
+        #: One reader per queue file, in `queue_files` order; none for a drained queue whose
+        #: files were all removed (its directory and init.lock stay).
         self.files = files
-        #: The first file (``queue.db`` when there is one): where 0.1's scripts looked.
-        self.path = files[0].path
-        self.app_id = files[0].app_id
+        #: The first file (``queue.db`` when there is one): where 0.1's scripts looked; the
+        #: directory when there is no file.
+        self.path = files[0].path if files else directory
+        self.app_id = files[0].app_id if files else app_id
         created = sorted(f.meta["created_at"] for f in files if "created_at" in f.meta)
         #: ``app_id``, and ``created_at`` of the oldest file.
-        self.meta = {**files[0].meta, **({"created_at": created[0]} if created else {})}
+        first = files[0].meta if files else {"app_id": app_id}
+        self.meta = {**first, **({"created_at": created[0]} if created else {})}
 
     def __enter__(self) -> QueueReader:
         return self
@@ -415,7 +420,7 @@ class QueueReader:
 
     def schema_version(self) -> int:
         """The highest ``PRAGMA user_version`` among the files."""
-        return max(f.schema_version() for f in self.files)
+        return max((f.schema_version() for f in self.files), default=SCHEMA_VERSION)
 
     def depth(self) -> int:
         """Events waiting to be sent, in every file."""
@@ -551,8 +556,12 @@ def owner_state(db: Path) -> str:
 def queue_exists(directory: str | os.PathLike[str]) -> bool:
     """True if ``directory`` holds a queue file that was ever opened (non-empty).
 
-    Never creates anything: the check for "is there a queue here" must not make one.
+    Never creates anything: the check for "is there a queue here" must not make one. A queue
+    drained to the last file (every file removed once empty) is still a queue: the library
+    left its ``init.lock``.
     """
+    if (Path(directory) / INIT_LOCK_NAME).exists():
+        return True
     for db in queue_files(directory):
         try:
             if os.lstat(db).st_size > 0:
@@ -604,9 +613,9 @@ def open_reader(
         for file in files:
             file.close()
         raise
-    if not files:
+    if not files and not (path / INIT_LOCK_NAME).exists():
         raise StorageUnavailableError(f"no queue at {path}", path=str(path))
-    return QueueReader(path, files)
+    return QueueReader(path, files, app_id or "")
 
 
 def open_file_reader(
