@@ -29,7 +29,8 @@ import fcntl
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +53,9 @@ from .recovery import FileId
 
 __all__ = ["Marks", "QueueDirectory"]
 
+# How old the flusher's listing of the directory may be (a new writer's first batch waits
+# at most this long; a listing per batch cost a quarter of a drain's time with 8 files).
+_RESCAN_EVERY = 0.5
 # How often `checkpoint_value` reads again when files vanish under it.
 _CHECKPOINT_PASSES = 3
 
@@ -95,6 +99,7 @@ class QueueDirectory:
         # Every file we have open, by name; our own among them.
         self._files: dict[str, SQLiteQueue] = {}
         self._turn = 0
+        self._next_scan = 0.0
         # True once close() removed our (empty) file: a later write makes a new one.
         self._retired = False
         self._own_name = ""
@@ -166,6 +171,7 @@ class QueueDirectory:
         self._guard = threading.RLock()
         self._files = {}
         self._turn = 0
+        self._next_scan = 0.0
         self._retired = False
         self._own = self._open_own()
 
@@ -278,8 +284,13 @@ class QueueDirectory:
         self._files.pop(queue.path.name, None)
         queue.close(timeout=0)
 
-    def _scanned(self) -> list[SQLiteQueue]:
-        self._scan()
+    def _scanned(self, *, fresh: bool = True) -> list[SQLiteQueue]:
+        """The files of the queue; ``fresh=False`` (the flusher, per batch) reuses a listing
+        up to `_RESCAN_EVERY` old: a new writer's file waits that long for its first batch."""
+        now = time.monotonic()
+        if fresh or now >= self._next_scan:
+            self._scan()
+            self._next_scan = now + _RESCAN_EVERY
         with self._guard:
             return list(self._files.values())
 
@@ -289,44 +300,53 @@ class QueueDirectory:
                 return queue
         return None
 
-    def _each(self, queues: Sequence[SQLiteQueue]) -> Iterator[SQLiteQueue]:
-        """``queues``, skipping (and forgetting) another process's file that went away."""
-        for queue in queues:
-            if queue is not self._own and not queue.path.exists():
-                with self._guard:
-                    self._forget(queue)
-                continue
-            yield queue
+    def _gone(self, queue: SQLiteQueue) -> bool:
+        """True (and forgotten) if ``queue`` is another process's file that was removed."""
+        if queue is self._own or os.path.lexists(queue.path):
+            return False
+        with self._guard:
+            self._forget(queue)
+        return True
 
-    def depth(self, *, for_flusher: bool = False) -> int:
-        """Events waiting in every file of the queue: O(1) per file."""
+    def _sum(self, read: Callable[[SQLiteQueue], int], *, fresh: bool = True) -> int:
+        """``read`` summed over the files; another process's file that fails is left out
+        (going away, or damaged: the flusher deals with it), ours raises."""
         total = 0
-        for queue in self._each(self._scanned()):
+        for queue in self._scanned(fresh=fresh):
             try:
-                total += queue.depth(for_flusher=for_flusher)
+                total += read(queue)
             except StorageError:
                 if queue is self._own:
                     raise
-                # Another process's file going away, or damaged: the flusher handles it.
+                self._gone(queue)
         return total
+
+    def depth(self, *, for_flusher: bool = False) -> int:
+        """Events waiting in every file of the queue: O(1) per file."""
+        return self._sum(lambda q: q.depth(for_flusher=for_flusher), fresh=not for_flusher)
+
+    def dead_letter_count(self) -> int:
+        """Rows in every file's ``dead_letter`` (a scan: for status displays)."""
+        return self._sum(lambda q: q.dead_letter_count())
 
     def marks(self) -> Marks:
         """The newest event id of every file now: `reached` says when they have all gone."""
         marks: Marks = {}
-        for queue in self._each(self._scanned()):
+        for queue in self._scanned():
             try:
                 marks[queue.path.name] = queue.last_id()
             except StorageError:
                 if queue is self._own:
                     raise
+                self._gone(queue)
         return marks
 
     def reached(self, marks: Mapping[str, int]) -> bool:
         """True when no file holds an event at or below its mark any more."""
         for name, mark in marks.items():
             queue = self._files.get(name)
-            if queue is None:
-                continue  # removed: it was empty
+            if queue is None or self._gone(queue):
+                continue  # removed: it was drained
             try:
                 head = queue.head()
             except StorageError:
@@ -340,18 +360,15 @@ class QueueDirectory:
     def head(self) -> tuple[int, str] | None:
         """(id, created_at) of the oldest pending event of any file (ids are per file)."""
         oldest: tuple[int, str] | None = None
-        for queue in self._each(self._scanned()):
+        for queue in self._scanned():
             try:
                 head = queue.head()
             except StorageError:
+                self._gone(queue)
                 continue
             if head is not None and (oldest is None or head[1] < oldest[1]):
                 oldest = head
         return oldest
-
-    def dead_letter_count(self) -> int:
-        """Rows in every file's ``dead_letter`` (a scan: for status displays)."""
-        return sum(queue.dead_letter_count() for queue in self._each(self._scanned()))
 
     def wal_size(self) -> int:
         """The largest ``-wal`` of the queue's files."""
@@ -374,17 +391,22 @@ class QueueDirectory:
         """The oldest events of the next file in turn that has any (see the module docstring).
 
         Round-robin so that a large backlog left by a dead process never starves the live
-        processes' new events, and the other way round.
+        processes' new events, and the other way round. An empty file costs one indexed
+        read; the directory is listed again when the listing is old or nothing was found.
         """
-        queues = list(self._each(self._scanned()))
-        for step in range(len(queues)):
-            queue = queues[(self._turn + step) % len(queues)]
-            if queue.depth(for_flusher=True) <= 0:
-                continue
-            batch = queue.read_batch(max_count, max_bytes, unreadable)
-            if batch:
-                self._turn = (self._turn + step + 1) % len(queues)
-                return batch
+        for fresh in (False, True):
+            queues = self._scanned(fresh=fresh)
+            for step in range(len(queues)):
+                queue = queues[(self._turn + step) % len(queues)]
+                try:
+                    batch = queue.read_batch(max_count, max_bytes, unreadable)
+                except StorageError:
+                    if queue is self._own or not self._gone(queue):
+                        raise
+                    continue
+                if batch:
+                    self._turn = (self._turn + step + 1) % len(queues)
+                    return batch
         return []
 
     def _source(self, source: FileId | None) -> SQLiteQueue | None:
@@ -422,18 +444,23 @@ class QueueDirectory:
         done = True
         with self._guard:
             queues = list(self._files.values())
-        for queue in self._each(queues):
+        for queue in queues:
             if queue.wal_size() >= max(min_bytes, 1):
-                done = queue.checkpoint(restart=restart) and done
+                try:
+                    done = queue.checkpoint(restart=restart) and done
+                except StorageError:
+                    if queue is self._own or not self._gone(queue):
+                        raise
         return done
 
     def compact(self) -> None:
-        """Give disk space back after a drain; remove drained files of dead processes."""
-        self.remove_dead_files()
-        with self._guard:
-            queues = list(self._files.values())
-        for queue in self._each(queues):
-            queue.compact()
+        """Give disk space back after a drain (each file: WAL truncated, free pages released)."""
+        for queue in self._scanned():
+            try:
+                queue.compact()
+            except StorageError:
+                if queue is self._own or not self._gone(queue):
+                    raise
 
     def remove_dead_files(self) -> int:
         """Remove every empty file whose owner is dead; returns how many (flusher only).
@@ -441,8 +468,8 @@ class QueueDirectory:
         The caller holds the flush lock, so no other process's flusher reads these files.
         """
         removed = 0
-        for queue in list(self._each(self._scanned())):
-            if queue is self._own or queue.path.name == DB_NAME:
+        for queue in self._scanned():
+            if queue is self._own or queue.path.name == DB_NAME or self._gone(queue):
                 continue
             with _owner_gone(queue.path) as gone:
                 if not gone:
