@@ -199,7 +199,7 @@ class _NoQueue:
     def snapshot(self) -> dict[str, Any]:
         raise AssertionError("not called")
 
-    def replay(self, dead_letter_id: int) -> dict[str, Any]:
+    def replay(self, dead_letter_id: int, file: str | None = None) -> dict[str, Any]:
         raise AssertionError("not called")
 
 
@@ -396,16 +396,21 @@ def test_replaying_a_dead_letter_from_the_queue_view_delivers_it(
     make_client: Callable[..., Analytics],
     queue_dir: Path,
 ) -> None:
-    """`durable-analytics ui --dir` shows the queue: its file, and a dead letter with its
-    reason and the server's answer; the page's Replay button puts it back in the queue (the
-    `dead-letters replay` code), and the next flush delivers it to the collector."""
+    """`durable-analytics ui --dir` shows the queue: its files, and dead letters with their
+    reason and the server's answer; the page's Replay button puts one back in the queue (the
+    `dead-letters replay` code), and the next flush delivers it to the collector. Two files
+    (two writers) each hold a dead letter with id 1: the button replays the one of its row's
+    file (issue 12: ids are per file)."""
     from selenium.webdriver.common.by import By
 
     client = make_client(base_url=collector.url)
-    collector.respond_with(400, body='{"error": "plan is not allowed"}')
+    other = make_client(base_url=collector.url)
+    collector.respond_with(400, body='{"error": "plan is not allowed"}', times=None)
     message_id = client.track("erin", "upgrade", {"plan": "enterprise"})
+    other.track("frank", "downgrade", {"plan": "free"})
     assert client.flush(timeout=10)
-    assert client.stats()["dead_lettered"] == 1, client.stats()
+    assert client.stats()["dead_lettered"] + other.stats()["dead_lettered"] == 2
+    collector.reset_responses()
     assert collector.event_count == 0
 
     proc = subprocess.Popen(
@@ -417,20 +422,22 @@ def test_replaying_a_dead_letter_from_the_queue_view_delivers_it(
     try:
         url = json.loads(_Lines(proc).next())["listening"]
         browser.get(url + "/#queue")
-        text = _wait(
-            browser,
-            lambda d: d.find_element(By.CSS_SELECTOR, "#dead-letters tr.dead-letter").text,
-            "the dead letter never appeared",
-        )
-        assert "rejected_400" in text and "plan is not allowed" in text and "erin" in text, text
+
+        def erins_row(d: Any) -> Any:
+            rows = d.find_elements(By.CSS_SELECTOR, "#dead-letters tr.dead-letter")
+            return (
+                next((row for row in rows if "erin" in row.text), None) if len(rows) == 2 else None
+            )
+
+        text = _wait(browser, lambda d: erins_row(d).text, "the dead letters never appeared")
+        assert "rejected_400" in text and "plan is not allowed" in text, text
+        assert f"{client.queue_path.name}:1" in text, text
         files = browser.find_element(By.ID, "queue-files").text
-        assert str(queue_dir) in files, files
+        assert client.queue_path.name in files and other.queue_path.name in files, files
 
         _wait(
             browser,
-            lambda d: (
-                d.find_element(By.CSS_SELECTOR, "#dead-letters button.replay").click() or True
-            ),
+            lambda d: erins_row(d).find_element(By.CSS_SELECTOR, "button.replay").click() or True,
             "no replay button to click",
         )
         _wait(
@@ -440,8 +447,14 @@ def test_replaying_a_dead_letter_from_the_queue_view_delivers_it(
         )
         _wait(
             browser,
-            lambda d: "no dead letters" in d.find_element(By.ID, "dead-letters").text,
-            "the dead letter is still listed",
+            lambda d: (
+                [r.text for r in d.find_elements(By.CSS_SELECTOR, "#dead-letters tr.dead-letter")]
+                and all(
+                    "frank" in r.text
+                    for r in d.find_elements(By.CSS_SELECTOR, "#dead-letters tr.dead-letter")
+                )
+            ),
+            "erin's dead letter is still listed, or frank's went too",
         )
     finally:
         proc.terminate()

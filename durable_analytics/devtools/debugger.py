@@ -12,7 +12,7 @@ disk: pending events per file, the oldest event's age, and dead letters with a r
 The view is handed in by the CLI, so replaying runs the CLI's own ``dead-letters replay`` code.
 
 Routes (all GET unless said otherwise): ``/`` the page; ``/assets/<file>``; ``/api/live``;
-``/api/queue``; ``POST /api/queue/replay`` with ``{"id": <dead letter id>}``.
+``/api/queue``; ``POST /api/queue/replay`` with ``{"id": <dead letter id>, "file": <its file>}``.
 
 On a loopback address these routes answer only requests whose ``Host`` is a loopback name: a
 web site that re-points its own domain at 127.0.0.1 (DNS rebinding) would otherwise read the
@@ -73,8 +73,10 @@ class QueueView(Protocol):
         """
         ...
 
-    def replay(self, dead_letter_id: int) -> dict[str, Any]:
+    def replay(self, dead_letter_id: int, file: str | None = None) -> dict[str, Any]:
         """Move one dead letter back to the queue; JSON-ready outcome (``replayed`` count).
+
+        ``file``: the queue file it lives in (ids are per file; one per writing process).
 
         :raises QueueViewError: the queue cannot be changed now, or no such dead letter.
         """
@@ -231,7 +233,7 @@ def answer_get(
 def answer_post(
     path: str, headers: Mapping[str, str], body: bytes, queue: QueueView | None
 ) -> WebAnswer:
-    """Replay one dead letter (``POST /api/queue/replay``, JSON ``{"id": n}``).
+    """Replay one dead letter (``POST /api/queue/replay``, JSON ``{"id": n, "file": name}``).
 
     Only ``application/json`` is accepted: a page on another site cannot send that to
     127.0.0.1 without a CORS preflight, which this server never grants.
@@ -241,12 +243,15 @@ def answer_post(
     if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         return _json(415, {"error": "send the id as application/json"})
     try:
-        dead_letter_id = json.loads(body)["id"]
+        request = json.loads(body)
+        dead_letter_id, file = request["id"], request.get("file")
         if not isinstance(dead_letter_id, int) or isinstance(dead_letter_id, bool):
             raise TypeError(dead_letter_id)
-    except (ValueError, KeyError, TypeError):
-        return _json(400, {"error": 'the body must be {"id": <dead letter id>}'})
+        if file is not None and not isinstance(file, str):
+            raise TypeError(file)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _json(400, {"error": 'the body must be {"id": <dead letter id>, "file": <name>}'})
     try:
-        return _json(200, queue.replay(dead_letter_id))
+        return _json(200, queue.replay(dead_letter_id, file))
     except QueueViewError as exc:  # shown on the page: e.g. the queue is locked by a flush
         return _json(409, {"error": str(exc)})

@@ -149,11 +149,11 @@ async function loadQueue() {
     const button = el("button", "replay", "Replay");
     button.type = "button";
     button.dataset.id = d.id;
-    button.addEventListener("click", () => replay(d.id, button));
+    button.addEventListener("click", () => replay(d.id, d.file, button));
     const answerText = [d.status_code, d.response].filter((x) => x !== null && x !== "").join(" ");
     const cell = el("td");
     cell.append(button);
-    tr.append(el("td", "", d.id), el("td", "", d.failed_at), el("td", "", d.reason),
+    tr.append(el("td", "", d.file ? `${d.file}:${d.id}` : d.id), el("td", "", d.failed_at), el("td", "", d.reason),
       el("td", "", answerText || "–"), el("td", "", d.event || d.type),
       el("td", "", d.distinct_id || "–"), cell);
     return tr;
@@ -168,12 +168,12 @@ async function loadQueue() {
   $("dead-letters").replaceChildren(...letters);
 }
 
-async function replay(id, button) {
+async function replay(id, file, button) {
   button.disabled = true;
   const answer = await fetch("/api/queue/replay", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ id }),
+    body: JSON.stringify(file ? { id, file } : { id }),
   });
   const data = await answer.json();
   $("replay-status").textContent = answer.ok
