@@ -21,7 +21,7 @@ from queue_contents import quick_checks, rows
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DurableAnalyticsError, StorageBusyError
-from durable_analytics.queue import QueueDirectory, SQLiteQueue
+from durable_analytics.queue import QueueDirectory, SQLiteQueue, paths
 
 WORKER = Path(__file__).with_name("workers") / "track_worker.py"
 
@@ -83,10 +83,11 @@ class Worker:
 def test_processes_tracking_while_some_are_sigkilled_lose_nothing(
     workers: list[Worker], queue_dir: Path, collector: Collector
 ) -> None:
-    """4 processes track into one queue, each also shipping; 8 times a random one is SIGKILLed
-    at a random moment and a new one started. Afterwards every id whose track() returned was
-    delivered, no id nobody tracked arrived, duplicates stay within what was in flight at the
-    kills, no worker heard a storage error (SQLITE_BUSY stays inside), the file is intact.
+    """4 processes track into one queue (a file each), each also shipping; 8 times a random one
+    is SIGKILLed at a random moment and a new one started. Afterwards every id whose track()
+    returned was delivered, no id nobody tracked arrived, duplicates stay within what was in
+    flight at the kills, no worker heard a storage error, every file is intact, and no file is
+    left once everything is delivered (12 writers' files in play in all).
     """
     rng = random.Random(2026)
     count = 2500
@@ -123,6 +124,9 @@ def test_processes_tracking_while_some_are_sigkilled_lose_nothing(
     ) as drain:
         assert drain.flush(timeout=60)
         assert drain.queue_depth() == 0
+    # Issue 12: every writer had a file of its own; the killed ones' files were drained and
+    # removed, the finished ones' removed at their shutdown: nothing piles up (P5).
+    assert paths.queue_files(queue_dir) == []
     for worker in running:
         worker.kill()
 
