@@ -53,6 +53,7 @@ from .events import (
     check_name,
 )
 from .flusher import Flusher
+from .forking import at_fork
 from .methods import EventMethods
 from .queue import QueueDirectory
 from .queue.paths import ensure_private_dir
@@ -618,4 +619,4 @@ def _after_fork_in_child() -> None:
         client._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork("clients", after_in_child=_after_fork_in_child)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypedDict
 
 from .errors import ConfigurationError, EventTooLargeError, ValidationError
+from .forking import at_fork
 
 __all__ = [
     "DRAFTS",
@@ -891,7 +892,7 @@ _DIGIT_COLUMNS: Final = [column for column in range(36) if column not in (8, 13,
 _uuids: list[str] = []
 # A forked child starts with a copy of the unused UUIDs; handing out the same ones as the parent
 # would make the server drop one process's events as duplicates of the other's.
-os.register_at_fork(after_in_child=_uuids.clear)
+at_fork("events", after_in_child=_uuids.clear)
 
 
 def _find_surrogate(value: Any, field: str) -> str | None:

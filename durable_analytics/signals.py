@@ -76,6 +76,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .forking import at_fork
+
 if TYPE_CHECKING:
     from .client import Analytics
 
@@ -242,7 +244,7 @@ def _reset_in_child() -> None:
     _phase = _IDLE
 
 
-os.register_at_fork(after_in_child=_reset_in_child)
+at_fork("signals", after_in_child=_reset_in_child)
 
 
 def _at_exit() -> None:
