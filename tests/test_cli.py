@@ -39,7 +39,7 @@ from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.queue.migrations import SCHEMA_VERSION
-from durable_analytics.queue.paths import state_dir
+from durable_analytics.queue.paths import queue_files, state_dir
 from durable_analytics.queue.reader import open_reader
 
 APP = "test-app"
@@ -69,13 +69,23 @@ def fill(directory: Path, count: int, *, app_id: str = APP, **track: Any) -> lis
 def dead_letter(
     directory: Path, count: int, reason: str, status: int | None, app_id: str = APP
 ) -> None:
-    """Move the ``count`` oldest pending events to dead_letter, as the flusher would."""
-    q = SQLiteQueue(directory, app_id)
-    try:
-        batch = q.read_batch(count, 10**8)
-        q.move_to_dead_letter([e.id for e in batch], reason, status)
-    finally:
-        q.close()
+    """Move the ``count`` oldest pending events to dead_letter, as the flusher would.
+
+    Each file's own: the events move within the writer file that holds them (a flusher moves
+    them into its own file, which the tests here have none of), first file first.
+    """
+    left = count
+    for db in queue_files(directory):
+        q = SQLiteQueue(directory, app_id, name=db.name, create=False)
+        try:
+            batch = q.read_batch(left, 10**8)
+            q.move_to_dead_letter([e.id for e in batch], reason, status)
+            left -= len(batch)
+        finally:
+            q.close()
+        if not left:
+            return
+    raise AssertionError(f"{directory} held {count - left} pending event(s), not {count}")
 
 
 def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
@@ -532,12 +542,16 @@ def test_export_and_peek_read_dead_letters(queue_dir: Path) -> None:
 
 def test_listing_pages_through_a_live_queue(queue_dir: Path) -> None:
     """The reader behind export reads page by page: rows appended mid-iteration still arrive."""
-    fill(queue_dir, 5)
-    with open_reader(queue_dir) as reader:
-        rows = reader.iter_events(page_size=2)
-        first = next(rows)
-        fill(queue_dir, 3)  # another client appends while the export runs
-        rest = list(rows)
+    # One live writer: its file is the one the export reads, and the one it appends to.
+    with Analytics(app_id=APP, persistence_dir=queue_dir, send=False, handle_signals=False) as a:
+        for i in range(5):
+            a.track("user-1", "page_view", {"i": i})
+        with open_reader(queue_dir) as reader:
+            rows = reader.iter_events(page_size=2)
+            first = next(rows)
+            for i in range(5, 8):  # the app goes on tracking while the export runs
+                a.track("user-1", "page_view", {"i": i})
+            rest = list(rows)
     assert [first.id, *[r.id for r in rest]] == list(range(1, 9))
 
 
@@ -1055,8 +1069,9 @@ def test_peek_reads_around_unreadable_payloads(queue_dir: Path) -> None:
             assert row["payload"]["event_id"] == row["message_id"]
             assert "unreadable" not in row
     assert rows[1]["stored_payload"] == '{"a":"b\ufffd"}'
+    name = sole_queue_file(queue_dir).name  # the writer's own file: rows are named file:id
     assert result.stderr.splitlines() == [
-        f'warning: events row queue.db:{i}: {why}; marked "unreadable" in the output'
+        f'warning: events row {name}:{i}: {why}; marked "unreadable" in the output'
         for i, (_, why) in BAD_PAYLOADS.items()
     ]
     pretty = run("peek", "--dir", str(queue_dir), "--pretty", "--payload-only")
@@ -1077,7 +1092,8 @@ def test_export_payload_only_leaves_out_unreadable_rows_and_exits_1(queue_dir: P
     assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
         ids[0], ids[4], ids[5]
     ]  # fmt: skip
-    assert "warning: events row queue.db:2: payload is not valid UTF-8" in result.stderr
+    name = sole_queue_file(queue_dir).name
+    assert f"warning: events row {name}:2: payload is not valid UTF-8" in result.stderr
     assert "exported 3 event(s)" in result.stderr
     assert "Error: 3 unreadable row(s) left out" in result.stderr
     full = run("export", "--dir", str(queue_dir))
@@ -1090,6 +1106,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
     fill(queue_dir, 6)
     dead_letter(queue_dir, 6, "rejected_400", 400)
     spoil_payloads(queue_dir, table="dead_letter")
+    name = sole_queue_file(queue_dir).name
     d = str(queue_dir)
 
     exported = run("export", "--dir", d, "--dead-letters")
@@ -1102,7 +1119,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
         rows = json_lines(result.stdout)
         assert [r["unreadable"] for r in rows[1:4]] == [why for _, why in BAD_PAYLOADS.values()]
         assert rows[0]["payload"]["type"] == "track"
-        assert "warning: dead_letter row queue.db:3: payload is not JSON" in result.stderr
+        assert f"warning: dead_letter row {name}:3: payload is not JSON" in result.stderr
     assert table.exit_code == 0 and len(table.stdout.splitlines()) == 7
     assert json.loads(status.stdout)["dead_letters_by_reason"] == {"rejected_400": 6}
 
