@@ -331,6 +331,39 @@ def test_status_reports_one_queue(queue_dir: Path) -> None:
     assert "7 event(s)" in human and "rejected_400 2" in human
 
 
+def test_status_and_queues_read_a_drained_queue_as_empty(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """A queue whose every file was sent and removed (init.lock left) is depth 0, exit 0.
+
+    status --json, status, --app-id and queues all describe it; nothing is created in it.
+    """
+    with Analytics(
+        app_id=APP, persistence_dir=queue_dir, base_url=collector.url, handle_signals=False
+    ) as app:
+        ids = [app.track("user-1", "page_view", {"i": i}) for i in range(3)]
+    assert sorted(collector.message_ids()) == sorted(ids)
+    assert queue_files(queue_dir) == []
+    before = sorted(p.name for p in queue_dir.iterdir())
+
+    result = run("status", "--dir", str(queue_dir), "--json")
+
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["depth"], info["dead_letters"], info["file_count"]) == (0, 0, 0)
+    assert (info["last_id"], info["files"], info["app_id"]) == (0, [], None)
+    by_app = run("status", "--app-id", APP, "--dir", str(queue_dir), "--json")
+    assert by_app.exit_code == 0, by_app.output
+    assert (json.loads(by_app.stdout)["app_id"], json.loads(by_app.stdout)["depth"]) == (APP, 0)
+    human = run("status", "--dir", str(queue_dir))
+    assert human.exit_code == 0, human.output
+    assert "0 event(s)" in human.stdout and "no queue file" in human.stdout
+    [row] = json.loads(run("queues", "--root", str(queue_dir.parent), "--json").stdout)
+    assert (row["depth"], row["error"]) == (0, None)
+    assert run("queues", "--root", str(queue_dir.parent)).exit_code == 0
+    assert sorted(p.name for p in queue_dir.iterdir()) == before
+
+
 def test_status_finds_a_queue_by_app_id_under_root_or_env(tmp_path: Path) -> None:
     """--app-id with --root, and DURABLE_ANALYTICS_APP_ID + PERSISTENCE_DIR, name the same queue."""
     fill(tmp_path / APP, 4)
@@ -856,9 +889,11 @@ def test_demo_end_to_end_loses_nothing(tmp_path: Path) -> None:
     assert numbers["lost"] == 0
     assert numbers["delivered"] >= 400
     assert "OK: nothing was lost." in out
-    sqlite_line = next(line for line in out.splitlines() if "sqlite3 -readonly" in line)
-    paste = subprocess.run(sqlite_line.strip(), shell=True, capture_output=True, text=True,
-                           timeout=DEADLINE)  # fmt: skip
+    # The command the demo prints, pasted into a shell where the package is installed.
+    sql_line = next(line for line in out.splitlines() if "durable-analytics sql --dir" in line)
+    env = {**child_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    paste = subprocess.run(sql_line.strip(), shell=True, capture_output=True, text=True,
+                           timeout=DEADLINE, env=env)  # fmt: skip
     assert paste.returncode == 0, paste.stderr
     assert "dead_letters" in paste.stdout
 
@@ -877,7 +912,7 @@ def test_demo_json_result(tmp_path: Path) -> None:
     assert report["killed_after"] == 150
     assert report["delivered"] == report["tracked"] + report["unreported"]
     assert len(report["worker_pids"]) == 2
-    assert Path(report["queue_path"]).exists()
+    assert Path(report["queue_dir"]).is_dir()
 
 
 # --- no command trims or drops (issue 10 items 1, 3, 14) ----------------------------------------

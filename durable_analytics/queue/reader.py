@@ -431,8 +431,9 @@ class QueueReader:
         return {f.name: f.last_id() for f in self.files}
 
     def last_id(self) -> int:
-        """The largest newest-event id of any file (ids are per file: for display only)."""
-        return max(self.last_ids().values())
+        """The largest newest-event id of any file (ids are per file: for display only); 0
+        when there is no file (a drained queue)."""
+        return max(self.last_ids().values(), default=0)
 
     def head(self) -> tuple[int, str] | None:
         """(id, created_at) of the oldest pending event by ``created_at`` across the files."""
