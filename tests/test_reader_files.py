@@ -360,6 +360,42 @@ def test_a_writer_file_still_being_created_is_skipped(two_files: Path) -> None:
     assert run("status", "--dir", str(two_files)).exit_code == 5
 
 
+def test_a_file_removed_while_the_reader_opens_it_is_skipped(
+    two_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drained dead writer's file that the flusher removes between the reader's connect and
+    its first read (SQLite then fails with "disk I/O error") is skipped like one removed before
+    the listing: status still reads the other files and exits 0."""
+    drained = writer_file_name(1006, "f" * 16)
+    write(two_files, drained, [encoded("gone", 0, timestamp(1))])
+    queue = SQLiteQueue(two_files, APP, name=drained, create=False)
+    try:
+        queue.delete([1])
+    finally:
+        queue.close()
+    real_connect = sqlite3.connect
+
+    def connect_then_remove(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(database, *args, **kwargs)
+        if drained in str(database):
+            # The flusher's cleanup (queue/directory.py _unlink_files), at the worst moment.
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                Path(str(two_files / drained) + suffix).unlink(missing_ok=True)
+        return conn
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect_then_remove)
+        with open_reader(two_files) as reader:
+            assert [f.name for f in reader.files] == [A, B]
+            assert reader.depth() == 4
+    write(two_files, drained, [])  # there again, as drained as before
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect_then_remove)
+        result = run("status", "--dir", str(two_files), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["file_count"] == 2
+
+
 def test_the_metrics_gauges_cover_every_file(two_files: Path) -> None:
     """metrics.read_queue (status --prometheus, the collectors) sums the files."""
     with open_reader(two_files) as reader:

@@ -663,6 +663,11 @@ def open_file_reader(
                 )
             meta = {str(k): str(v) for k, v in conn.execute(SELECT_ALL_META)}
         except sqlite3.DatabaseError as exc:
+            if not os.path.lexists(db):
+                # A drained dead writer's file the flusher removed after our connect: SQLite
+                # says "disk I/O error"; like one removed before the listing, it holds nothing.
+                conn.close()
+                return None
             raise translate(exc, db) from exc
         owner = meta.get("app_id")
         if owner is None:
