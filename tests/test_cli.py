@@ -39,7 +39,7 @@ from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.queue.migrations import SCHEMA_VERSION
-from durable_analytics.queue.paths import state_dir
+from durable_analytics.queue.paths import queue_files, state_dir
 from durable_analytics.queue.reader import open_reader
 
 APP = "test-app"
@@ -69,13 +69,23 @@ def fill(directory: Path, count: int, *, app_id: str = APP, **track: Any) -> lis
 def dead_letter(
     directory: Path, count: int, reason: str, status: int | None, app_id: str = APP
 ) -> None:
-    """Move the ``count`` oldest pending events to dead_letter, as the flusher would."""
-    q = SQLiteQueue(directory, app_id)
-    try:
-        batch = q.read_batch(count, 10**8)
-        q.move_to_dead_letter([e.id for e in batch], reason, status)
-    finally:
-        q.close()
+    """Move the ``count`` oldest pending events to dead_letter, as the flusher would.
+
+    Each file's own: the events move within the writer file that holds them (a flusher moves
+    them into its own file, which the tests here have none of), first file first.
+    """
+    left = count
+    for db in queue_files(directory):
+        q = SQLiteQueue(directory, app_id, name=db.name, create=False)
+        try:
+            batch = q.read_batch(left, 10**8)
+            q.move_to_dead_letter([e.id for e in batch], reason, status)
+            left -= len(batch)
+        finally:
+            q.close()
+        if not left:
+            return
+    raise AssertionError(f"{directory} held {count - left} pending event(s), not {count}")
 
 
 def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
@@ -321,6 +331,39 @@ def test_status_reports_one_queue(queue_dir: Path) -> None:
     assert "7 event(s)" in human and "rejected_400 2" in human
 
 
+def test_status_and_queues_read_a_drained_queue_as_empty(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """A queue whose every file was sent and removed (init.lock left) is depth 0, exit 0.
+
+    status --json, status, --app-id and queues all describe it; nothing is created in it.
+    """
+    with Analytics(
+        app_id=APP, persistence_dir=queue_dir, base_url=collector.url, handle_signals=False
+    ) as app:
+        ids = [app.track("user-1", "page_view", {"i": i}) for i in range(3)]
+    assert sorted(collector.message_ids()) == sorted(ids)
+    assert queue_files(queue_dir) == []
+    before = sorted(p.name for p in queue_dir.iterdir())
+
+    result = run("status", "--dir", str(queue_dir), "--json")
+
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["depth"], info["dead_letters"], info["file_count"]) == (0, 0, 0)
+    assert (info["last_id"], info["files"], info["app_id"]) == (0, [], None)
+    by_app = run("status", "--app-id", APP, "--dir", str(queue_dir), "--json")
+    assert by_app.exit_code == 0, by_app.output
+    assert (json.loads(by_app.stdout)["app_id"], json.loads(by_app.stdout)["depth"]) == (APP, 0)
+    human = run("status", "--dir", str(queue_dir))
+    assert human.exit_code == 0, human.output
+    assert "0 event(s)" in human.stdout and "no queue file" in human.stdout
+    [row] = json.loads(run("queues", "--root", str(queue_dir.parent), "--json").stdout)
+    assert (row["depth"], row["error"]) == (0, None)
+    assert run("queues", "--root", str(queue_dir.parent)).exit_code == 0
+    assert sorted(p.name for p in queue_dir.iterdir()) == before
+
+
 def test_status_finds_a_queue_by_app_id_under_root_or_env(tmp_path: Path) -> None:
     """--app-id with --root, and DURABLE_ANALYTICS_APP_ID + PERSISTENCE_DIR, name the same queue."""
     fill(tmp_path / APP, 4)
@@ -532,12 +575,16 @@ def test_export_and_peek_read_dead_letters(queue_dir: Path) -> None:
 
 def test_listing_pages_through_a_live_queue(queue_dir: Path) -> None:
     """The reader behind export reads page by page: rows appended mid-iteration still arrive."""
-    fill(queue_dir, 5)
-    with open_reader(queue_dir) as reader:
-        rows = reader.iter_events(page_size=2)
-        first = next(rows)
-        fill(queue_dir, 3)  # another client appends while the export runs
-        rest = list(rows)
+    # One live writer: its file is the one the export reads, and the one it appends to.
+    with Analytics(app_id=APP, persistence_dir=queue_dir, send=False, handle_signals=False) as a:
+        for i in range(5):
+            a.track("user-1", "page_view", {"i": i})
+        with open_reader(queue_dir) as reader:
+            rows = reader.iter_events(page_size=2)
+            first = next(rows)
+            for i in range(5, 8):  # the app goes on tracking while the export runs
+                a.track("user-1", "page_view", {"i": i})
+            rest = list(rows)
     assert [first.id, *[r.id for r in rest]] == list(range(1, 9))
 
 
@@ -842,9 +889,11 @@ def test_demo_end_to_end_loses_nothing(tmp_path: Path) -> None:
     assert numbers["lost"] == 0
     assert numbers["delivered"] >= 400
     assert "OK: nothing was lost." in out
-    sqlite_line = next(line for line in out.splitlines() if "sqlite3 -readonly" in line)
-    paste = subprocess.run(sqlite_line.strip(), shell=True, capture_output=True, text=True,
-                           timeout=DEADLINE)  # fmt: skip
+    # The command the demo prints, pasted into a shell where the package is installed.
+    sql_line = next(line for line in out.splitlines() if "durable-analytics sql --dir" in line)
+    env = {**child_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    paste = subprocess.run(sql_line.strip(), shell=True, capture_output=True, text=True,
+                           timeout=DEADLINE, env=env)  # fmt: skip
     assert paste.returncode == 0, paste.stderr
     assert "dead_letters" in paste.stdout
 
@@ -863,7 +912,7 @@ def test_demo_json_result(tmp_path: Path) -> None:
     assert report["killed_after"] == 150
     assert report["delivered"] == report["tracked"] + report["unreported"]
     assert len(report["worker_pids"]) == 2
-    assert Path(report["queue_path"]).exists()
+    assert Path(report["queue_dir"]).is_dir()
 
 
 # --- no command trims or drops (issue 10 items 1, 3, 14) ----------------------------------------
@@ -1055,8 +1104,9 @@ def test_peek_reads_around_unreadable_payloads(queue_dir: Path) -> None:
             assert row["payload"]["event_id"] == row["message_id"]
             assert "unreadable" not in row
     assert rows[1]["stored_payload"] == '{"a":"b\ufffd"}'
+    name = sole_queue_file(queue_dir).name  # the writer's own file: rows are named file:id
     assert result.stderr.splitlines() == [
-        f'warning: events row queue.db:{i}: {why}; marked "unreadable" in the output'
+        f'warning: events row {name}:{i}: {why}; marked "unreadable" in the output'
         for i, (_, why) in BAD_PAYLOADS.items()
     ]
     pretty = run("peek", "--dir", str(queue_dir), "--pretty", "--payload-only")
@@ -1077,7 +1127,8 @@ def test_export_payload_only_leaves_out_unreadable_rows_and_exits_1(queue_dir: P
     assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == [
         ids[0], ids[4], ids[5]
     ]  # fmt: skip
-    assert "warning: events row queue.db:2: payload is not valid UTF-8" in result.stderr
+    name = sole_queue_file(queue_dir).name
+    assert f"warning: events row {name}:2: payload is not valid UTF-8" in result.stderr
     assert "exported 3 event(s)" in result.stderr
     assert "Error: 3 unreadable row(s) left out" in result.stderr
     full = run("export", "--dir", str(queue_dir))
@@ -1090,6 +1141,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
     fill(queue_dir, 6)
     dead_letter(queue_dir, 6, "rejected_400", 400)
     spoil_payloads(queue_dir, table="dead_letter")
+    name = sole_queue_file(queue_dir).name
     d = str(queue_dir)
 
     exported = run("export", "--dir", d, "--dead-letters")
@@ -1102,7 +1154,7 @@ def test_unreadable_dead_letters_are_listed_and_exported(queue_dir: Path) -> Non
         rows = json_lines(result.stdout)
         assert [r["unreadable"] for r in rows[1:4]] == [why for _, why in BAD_PAYLOADS.values()]
         assert rows[0]["payload"]["type"] == "track"
-        assert "warning: dead_letter row queue.db:3: payload is not JSON" in result.stderr
+        assert f"warning: dead_letter row {name}:3: payload is not JSON" in result.stderr
     assert table.exit_code == 0 and len(table.stdout.splitlines()) == 7
     assert json.loads(status.stdout)["dead_letters_by_reason"] == {"rejected_400": 6}
 

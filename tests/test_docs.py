@@ -138,7 +138,8 @@ def make_queue(workdir: Path, app_id: str = "docs-shell") -> Path:
                 client.track(user, "page_view", {"path": f"/docs/{n % 4}"})
             else:
                 client.track(user, "signup" if n % 3 == 1 else "search", {"n": n})
-    queue = SQLiteQueue(directory, app_id)
+    # The client's own file (kept: it holds events); a flusher would put them in its own.
+    queue = SQLiteQueue(directory, app_id, name=client.queue_path.name, create=False)
     try:
         oldest = [e.id for e in queue.read_batch(3, 10**7)]
         queue.move_to_dead_letter(oldest[:2], "rejected_400", 400)

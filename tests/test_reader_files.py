@@ -188,9 +188,8 @@ def test_a_directory_without_queue_files_is_no_queue(tmp_path: Path) -> None:
 
 def test_legacy_queue_db_is_read_with_the_writers_files(two_files: Path) -> None:
     """0.1's queue.db comes first, and counts like any other file."""
-    with Analytics(app_id=APP, persistence_dir=two_files, send=False, handle_signals=False) as a:
-        a.track("user-9", "legacy", {})
-    assert (two_files / DB_NAME).exists()
+    # Written as 0.1 did (one queue.db); today's clients write files of their own.
+    write(two_files, DB_NAME, [encoded("legacy", 0, timestamp(5), "legacy")])
     with open_reader(two_files) as reader:
         assert reader.files[0].name == DB_NAME
         assert reader.depth() == 5
@@ -335,7 +334,7 @@ def test_flush_counts_what_was_pending_in_every_file_at_its_start(
     info = json.loads(result.stdout)
     assert info["pending_at_start"] == 5 and info["files"] == 3
     assert info["delivered"] + info["dead_lettered"] + info["remaining"] == 5
-    assert info["delivered"] >= 1  # queue.db's event, shipped by every version of the client
+    assert info["delivered"] >= 1  # the closed client's file: its owner gone, it is shipped
     assert result.exit_code == (0 if info["remaining"] == 0 else 1)
     with open_reader(two_files) as reader:
         assert reader.depth() == info["remaining"]
@@ -359,6 +358,42 @@ def test_a_writer_file_still_being_created_is_skipped(two_files: Path) -> None:
     conn.execute("CREATE TABLE customers (name TEXT)")
     conn.close()
     assert run("status", "--dir", str(two_files)).exit_code == 5
+
+
+def test_a_file_removed_while_the_reader_opens_it_is_skipped(
+    two_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drained dead writer's file that the flusher removes between the reader's connect and
+    its first read (SQLite then fails with "disk I/O error") is skipped like one removed before
+    the listing: status still reads the other files and exits 0."""
+    drained = writer_file_name(1006, "f" * 16)
+    write(two_files, drained, [encoded("gone", 0, timestamp(1))])
+    queue = SQLiteQueue(two_files, APP, name=drained, create=False)
+    try:
+        queue.delete([1])
+    finally:
+        queue.close()
+    real_connect = sqlite3.connect
+
+    def connect_then_remove(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(database, *args, **kwargs)
+        if drained in str(database):
+            # The flusher's cleanup (queue/directory.py _unlink_files), at the worst moment.
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                Path(str(two_files / drained) + suffix).unlink(missing_ok=True)
+        return conn
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect_then_remove)
+        with open_reader(two_files) as reader:
+            assert [f.name for f in reader.files] == [A, B]
+            assert reader.depth() == 4
+    write(two_files, drained, [])  # there again, as drained as before
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect_then_remove)
+        result = run("status", "--dir", str(two_files), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["file_count"] == 2
 
 
 def test_the_metrics_gauges_cover_every_file(two_files: Path) -> None:

@@ -97,7 +97,8 @@ def _describe(reader: QueueReader) -> dict[str, Any]:
     head = reader.head()
     oldest = head[1] if head else None
     return {
-        "app_id": reader.app_id,
+        # Unknown for a drained queue (no file left) named by --dir alone.
+        "app_id": reader.app_id or None,
         "directory": str(reader.directory),
         "path": str(reader.path),
         "file_count": len(reader.files),
@@ -150,7 +151,7 @@ def queues(settings: _Settings, /, roots: tuple[Path, ...], as_json: bool) -> No
             continue
         table.append(
             (
-                row["app_id"],
+                row["app_id"] or "-",
                 str(row["depth"]),
                 format_age(row["oldest_age_seconds"]),
                 str(row["dead_letters"]),
@@ -208,7 +209,7 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
     flusher = "running (a process holds flush.lock)" if info["flusher_active"] else "none running"
     for key, value in (
         ("queue", f"{info['directory']} ({info['file_count']} file(s))"),
-        ("app id", info["app_id"]),
+        ("app id", info["app_id"] or "- (no queue file left to say)"),
         ("pending", f"{info['depth']} event(s){age}"),
         ("by event", ", ".join(f"{k} {v}" for k, v in info["pending_by_event"].items()) or "-"),
         ("dead letters", f"{info['dead_letters']}" + (f" ({reasons})" if reasons else "")),
@@ -232,6 +233,9 @@ def status(settings: _Settings, /, target: QueueTarget, as_json: bool, prometheu
              format_size(file["file_bytes"]), pid, file["owner"])
         )  # fmt: skip
     click.echo("")
+    if not info["files"]:
+        click.echo("no queue file: every event was sent and each file removed once drained")
+        return
     _print_table(table)
 
 

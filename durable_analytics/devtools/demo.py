@@ -375,7 +375,10 @@ def report(result: DemoResult) -> list[str]:
         "",
         "OK: nothing was lost." if result.lost == 0 else f"FAILED: {result.lost} event(s) lost.",
         "",
-        "The queue is a directory of plain SQLite files, one per process; look inside it:",
+        "The queue is a directory of plain SQLite files, one per writing process, each removed",
+        "once its events are sent"
+        + (" (so it is empty now)" if result.waiting == 0 else "")
+        + "; look inside it:",
         f"  durable-analytics sql --dir {queue} -- -header -column "
         '"SELECT event, count(*) AS pending FROM events GROUP BY event; '
         'SELECT count(*) AS dead_letters FROM dead_letter;"',

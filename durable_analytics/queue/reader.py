@@ -431,8 +431,9 @@ class QueueReader:
         return {f.name: f.last_id() for f in self.files}
 
     def last_id(self) -> int:
-        """The largest newest-event id of any file (ids are per file: for display only)."""
-        return max(self.last_ids().values())
+        """The largest newest-event id of any file (ids are per file: for display only); 0
+        when there is no file (a drained queue)."""
+        return max(self.last_ids().values(), default=0)
 
     def head(self) -> tuple[int, str] | None:
         """(id, created_at) of the oldest pending event by ``created_at`` across the files."""
@@ -662,6 +663,11 @@ def open_file_reader(
                 )
             meta = {str(k): str(v) for k, v in conn.execute(SELECT_ALL_META)}
         except sqlite3.DatabaseError as exc:
+            if not os.path.lexists(db):
+                # A drained dead writer's file the flusher removed after our connect: SQLite
+                # says "disk I/O error"; like one removed before the listing, it holds nothing.
+                conn.close()
+                return None
             raise translate(exc, db) from exc
         owner = meta.get("app_id")
         if owner is None:
