@@ -16,6 +16,17 @@ i.e. by the client; tools that only inspect get the error instead:
   old connection is abandoned (closing it would make SQLite unlink ``queue.db-wal`` *by
   name*, i.e. the new file's WAL), the pending count it still sees is reported as lost in a
   `QueueReplacedError`, and the file now at the path is opened (created if missing).
+- Its ``-wal`` or ``-shm`` (WAL index) deleted or replaced while the database stays: our
+  connections keep using the unlinked ones, and a connection opened later, by another
+  process or by this one once ours are gone, would use the new ones: two WAL indexes, two
+  sets of WAL locks, writers overwriting each other's frames (malformed files, lost events).
+  Noticed like a replaced database (storage.py: `QueueStorage` and its ``_look``). The
+  owner copies what its old connection still sees (every pending event, dead letter and
+  checkpoint, read through the unlinked files) into a fresh file at the same path, moves
+  the old files aside (`STALE_KIND`) and abandons its connections; any other process only
+  abandons its connections and opens nothing on that database again, and follows the
+  owner's fresh file. Loss (only what could not be read) is reported as a
+  `QueueReplacedError`.
 - Disk full, read-only or no permission at open: the queue stays closed, each operation
   raises `StorageUnavailableError` at once, and opening is retried at most once a second.
 
@@ -49,9 +60,11 @@ from .paths import wal_size
 __all__ = [
     "ORPHAN_KIND",
     "QUARANTINE_KIND",
+    "STALE_KIND",
     "FileId",
     "abandon",
     "check_header",
+    "companions_error",
     "file_identity",
     "move_aside",
     "orphaned_wal",
@@ -64,6 +77,8 @@ __all__ = [
 #: e.g. ``events-4242-….db.corrupt-20261129T172500Z-4242-1a2b3c4d``.
 QUARANTINE_KIND: Final = "corrupt"
 ORPHAN_KIND: Final = "orphan"
+#: A database whose -wal or -shm was deleted under it; its owner copied its rows to a fresh file.
+STALE_KIND: Final = "stale"
 
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 # Primary result codes (sqlite3.h) for translate; Python 3.11+ exposes them on the error.
@@ -168,13 +183,14 @@ def abandon(conn: sqlite3.Connection) -> None:
 
 def move_aside(
     db_path: Path,
-    error: QueueCorruptError,
+    error: QueueCorruptError | None,
     kind: str,
     suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
-) -> None:
+) -> str:
     """Rename the database (first) and its -wal/-shm to a quarantine name; keep them 0600.
 
-    The caller holds the init lock. Sets ``error.quarantined_to``.
+    The caller holds the init lock. Returns the new name of the database, also set as
+    ``error.quarantined_to``.
     """
     directory, db = db_path.parent, str(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -187,7 +203,9 @@ def move_aside(
             continue
         with contextlib.suppress(OSError):
             os.chmod(target, 0o600)
-    error.quarantined_to = str(directory / name)
+    if error is not None:
+        error.quarantined_to = str(directory / name)
+    return str(directory / name)
 
 
 def orphaned_wal(db_path: Path) -> QueueCorruptError | None:
@@ -218,14 +236,14 @@ def orphaned_wal(db_path: Path) -> QueueCorruptError | None:
     )
 
 
-def quarantined_as(directory: Path, identity: FileId) -> str | None:
-    """Where the file ``identity`` was moved aside as damaged (by any process), if it was."""
+def quarantined_as(directory: Path, identity: FileId, kind: str = QUARANTINE_KIND) -> str | None:
+    """Where the file ``identity`` was moved aside as ``kind`` (by any process), if it was."""
     try:
         names = os.listdir(directory)
     except OSError:
         return None
     for name in names:
-        if f".{QUARANTINE_KIND}-" in name and not name.endswith(("-wal", "-shm")):
+        if f".{kind}-" in name and not name.endswith(("-wal", "-shm")):
             path = directory / name
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
@@ -234,12 +252,44 @@ def quarantined_as(directory: Path, identity: FileId) -> str | None:
     return None
 
 
+def companions_error(
+    db: Path, which: str, moved_to: str | None, copied: int, lost: int | None
+) -> QueueReplacedError:
+    """The incident for a database whose ``which`` ("-wal", "-shm") left the path under us.
+
+    ``copied`` pending events were read through our connection and written to the fresh
+    file; ``lost`` could not be read (None: unknown how many).
+    """
+    where = f" (kept as {moved_to})" if moved_to else ""
+    if lost == 0:
+        outcome = f"its {copied} pending event(s) were copied to a fresh file; none lost"
+    else:
+        count = "its" if lost is None else lost
+        outcome = f"{count} pending event(s) could not be read and are lost"
+    return QueueReplacedError(
+        f"the {which} of {db} was deleted or replaced while in use (a temp-directory "
+        f"cleaner?); moved the old files aside{where}: {outcome}",
+        path=str(db),
+        lost=lost,
+    )
+
+
 def replaced_error(db: Path, identity: FileId, lost: int | None) -> QueueReplacedError:
     """The incident for the file ``identity``, open as ``db`` until it left that path.
 
     ``lost`` is the depth our connection still saw in it (None if unknown). A file another
-    process moved aside as damaged lost nothing here: that process reports the damage.
+    process moved aside as damaged lost nothing here: that process reports the damage; nor
+    did one whose owner moved it aside after its -wal or -shm was deleted, having copied its
+    rows to the fresh file at the path (the owner reports what it could not copy).
     """
+    stale = quarantined_as(db.parent, identity, STALE_KIND)
+    if stale is not None:
+        return QueueReplacedError(
+            f"{db} lost its -wal or -shm and was moved aside (to {stale}) by its owner, "
+            "which copied its events to a fresh file; reopened the new queue",
+            path=str(db),
+            lost=0,
+        )
     moved_to = quarantined_as(db.parent, identity)
     if moved_to is not None:
         return QueueReplacedError(
