@@ -939,10 +939,11 @@ class QueueStorage:
             slot.busy = True
             try:
                 conn = self._slot_connection(slot)
-                try:
-                    return conn.execute(sql, params).fetchone()
-                except sqlite3.DatabaseError as exc:
-                    raise translate(exc, self.path) from exc
+                with _stamped(slot.file_id):
+                    try:
+                        return conn.execute(sql, params).fetchone()
+                    except sqlite3.DatabaseError as exc:
+                        raise translate(exc, self.path) from exc
             finally:
                 slot.busy = False
 
@@ -975,24 +976,27 @@ class QueueStorage:
         """`_peek` on a connection of its own, closed after the read."""
         conn, file_id = self._connect_existing()
         try:
-            return conn.execute(sql, params).fetchone()
+            with _stamped(file_id):
+                return conn.execute(sql, params).fetchone()
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), file_id) from exc
         finally:
             _disconnect(conn, file_id)
 
     def _connect_existing(self) -> tuple[sqlite3.Connection, FileId | None]:
+        tried = file_identity(self._path_str)
         try:
             return self._connect(create=False)
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), tried) from exc
 
     def _open_connection(self) -> tuple[sqlite3.Connection, FileId | None]:
         self._closed = False
+        tried = file_identity(self._path_str)
         try:
             return self._connect(create=self.create)
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), tried) from exc
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -1022,6 +1026,13 @@ class QueueStorage:
         finally:
             for lock in reversed(taken):
                 lock.release()
+
+
+def _stamp(error: StorageError, file_id: FileId | None) -> StorageError:
+    """Name the file a `QueueCorruptError` is about (see `quarantine`); returns ``error``."""
+    if isinstance(error, QueueCorruptError) and error.file_id is None:
+        error.file_id = file_id
+    return error
 
 
 @contextlib.contextmanager

@@ -304,12 +304,11 @@ def test_fork_while_another_process_holds_the_write_lock(
 # --- several threads, one damage ---------------------------------------------------------------
 
 
-def _damage_events_root(db: Path) -> None:
-    """Overwrite the b-tree page header of the events table's root page with garbage."""
+def _damage_root(db: Path, table: str) -> None:
+    """Overwrite the b-tree page header of ``table``'s root page with garbage."""
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        (root,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'events'"
-        ).fetchone()
+        query = "SELECT rootpage FROM sqlite_master WHERE name = ?"
+        (root,) = conn.execute(query, (table,)).fetchone()
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     with open(db, "r+b") as f:
@@ -317,7 +316,7 @@ def _damage_events_root(db: Path) -> None:
         f.write(b"\xff" * 16)
 
 
-def test_threads_hitting_the_same_damage_quarantine_it_once(
+def test_threads_tracking_into_the_same_damage_quarantine_it_once(
     make_client: Callable[..., Analytics],
 ) -> None:
     """Eight threads track() into a file damaged under them (the events table's root page).
@@ -331,7 +330,7 @@ def test_threads_hitting_the_same_damage_quarantine_it_once(
         client.track("u", "before", {"n": n, "pad": "x" * 200})
     own = client._queue.own
     assert own.close()
-    _damage_events_root(client.queue_path)
+    _damage_root(client.queue_path, "events")
     queue_dir = client.queue_path.parent
     barrier = threading.Barrier(8)
     after: list[str] = []
@@ -356,3 +355,57 @@ def test_threads_hitting_the_same_damage_quarantine_it_once(
         kept = {m for (m,) in conn.execute("SELECT message_id FROM events")}
     assert set(after) <= kept
     assert [p for p in queue_files(queue_dir)] == [client.queue_path]
+
+
+def test_a_reader_threads_late_report_of_the_damage_leaves_the_fresh_file_alone(
+    make_client: Callable[..., Analytics],
+) -> None:
+    """A thread reading the queue (as the flusher and stats do) trips over the damage; before
+    it gets to report it, a track() thread has already moved the file aside and tracked more
+    events into the fresh file. The reader's report must not move that fresh file aside too:
+    one quarantine, and every event tracked after the damage stays queued.
+    """
+    client = make_client(send=False)
+    for n in range(100):
+        client.track("u", "before", {"n": n})
+    queue = client._queue
+    assert queue.own.close()
+    _damage_root(client.queue_path, "events")
+    found: list[QueueCorruptError] = []
+    reader_found = threading.Event()
+    tracked = threading.Event()
+
+    def reader() -> None:
+        try:
+            queue.own.head()
+        except QueueCorruptError as exc:
+            found.append(exc)
+        reader_found.set()
+        assert tracked.wait(timeout=30)
+        if found:
+            queue.quarantine(found[0])  # as the flusher does with what its step raised
+
+    after: list[str] = []
+
+    def tracker() -> None:
+        assert reader_found.wait(timeout=30)
+        after.extend(client.track("u", "after", {"n": n}) for n in range(5))
+        tracked.set()
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=tracker)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert found, "the reader did not see the damage"
+    client.track("u", "reported")  # reports what the reader's quarantine queued, if anything
+    corrupt = [
+        p
+        for p in client.queue_path.parent.glob("*.corrupt-*")
+        if not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(corrupt) == 1, corrupt
+    assert client.stats()["quarantined"] == 1
+    with contextlib.closing(sqlite3.connect(client.queue_path)) as conn:
+        kept = {m for (m,) in conn.execute("SELECT message_id FROM events")}
+    assert set(after) <= kept
