@@ -352,9 +352,16 @@ class QueueDirectory:
         queues = list(self._each(self._scanned()))
         for step in range(len(queues)):
             queue = queues[(self._turn + step) % len(queues)]
-            if queue.depth(for_flusher=True) <= 0:
+            try:
+                if queue.depth(for_flusher=True) <= 0:
+                    continue
+                batch = queue.read_batch(max_count, max_bytes, unreadable)
+            except StorageUnavailableError:
+                if queue is self._own:
+                    raise
+                # Another process's file we may not open now (its -shm was deleted and
+                # its owner has not moved on yet, or it is locked): the others go on.
                 continue
-            batch = queue.read_batch(max_count, max_bytes, unreadable)
             if batch:
                 self._turn = (self._turn + step + 1) % len(queues)
                 return batch

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import sqlite3
+import struct
 import sys
 import time
 import uuid
@@ -66,6 +68,7 @@ __all__ = [
     "check_header",
     "companions_error",
     "file_identity",
+    "index_left_behind",
     "move_aside",
     "orphaned_wal",
     "quarantined_as",
@@ -83,6 +86,11 @@ STALE_KIND: Final = "stale"
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 # Primary result codes (sqlite3.h) for translate; Python 3.11+ exposes them on the error.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+# SQLite's locks (os_unix.c): a connection holds a read lock on these bytes of the database for
+# as long as it is open in WAL mode, and one on this byte of the -shm while it maps it.
+_SHARED_FIRST, _SHARED_SIZE = 0x40000000 + 2, 510
+_SHM_DMS = 128
 
 # Connections that must never be closed: inherited across fork, or open on a file that was
 # deleted or moved aside (SQLite's close would checkpoint and unlink "queue.db-wal" by name,
@@ -166,6 +174,50 @@ def file_identity(path: str) -> FileId | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def _read_locked(fd: int, start: int, length: int) -> bool:
+    """Whether another process holds a lock on these bytes of ``fd``'s file (F_GETLK)."""
+    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
+    query = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    return bool(struct.unpack("@hhqqi4x", answer)[0] != fcntl.F_UNLCK)
+
+
+def index_left_behind(db: str) -> bool:
+    """True if another process has database ``db`` open on a -shm the path no longer names.
+
+    Before this process opens its first connection to a database: SQLite would open (or
+    create) the -shm at the path and, finding nobody on it, rebuild a WAL index of its own,
+    while the others go on with theirs (deleted from the path by a cleaner). Told by SQLite's
+    own locks: someone holds the database's shared lock, and nobody the -shm's.
+
+    Only for a database this process has no connection to: closing our descriptors drops
+    every POSIX lock this process holds on the file (hence never with one open).
+    """
+    try:
+        fd = os.open(db, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _read_locked(fd, _SHARED_FIRST, _SHARED_SIZE):
+            return False  # nobody else has it open
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        fd = os.open(db + "-shm", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        return not _read_locked(fd, _SHM_DMS, 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def abandon(conn: sqlite3.Connection) -> None:

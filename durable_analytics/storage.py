@@ -69,6 +69,7 @@ from .recovery import (
     check_header,
     companions_error,
     file_identity,
+    index_left_behind,
     move_aside,
     orphaned_wal,
     replaced_error,
@@ -142,6 +143,9 @@ RESTORE_CHECKPOINT: Final = (
 
 # Opening a queue that was unavailable (full or read-only disk) is retried this often.
 _REOPEN_EVERY = 1.0
+# How many times, how far apart, `_index_left_behind` looks before it believes what it sees.
+_PROBES = 3
+_PROBE_PAUSE = 0.002
 # A directory changed less than this long ago may change again within the same timestamp tick
 # (file times come from a coarse clock), so its times don't prove nothing changed (`_look`).
 _SETTLED_NS = 1_000_000_000
@@ -614,6 +618,8 @@ class QueueStorage:
                 path=self._path_str,
             )
         moved = _companions_moved(db, self._path_str)
+        if moved is None and db is not None and not _CONNECTIONS.get(db):
+            moved = "-shm" if self._index_left_behind() else None
         if moved is not None:
             raise StorageUnavailableError(
                 f"the {moved} of {self.path} was deleted or replaced; waiting for its owner "
@@ -644,6 +650,15 @@ class QueueStorage:
         if db is not None:
             _connected(db, self._path_str)
         return conn, db
+
+    def _index_left_behind(self) -> bool:
+        """`index_left_behind`, asked again for a moment: a process in the middle of opening
+        the database holds its lock a few microseconds before the -shm's."""
+        for _ in range(_PROBES):
+            if not index_left_behind(self._path_str):
+                return False
+            time.sleep(_PROBE_PAUSE)
+        return True
 
     @property
     def file_id(self) -> FileId | None:

@@ -30,11 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DAY = 86400.0
 
 # A process that tracks events until told to stop, one line per fact: "FILE <own file>",
-# "ACK <message_id>" once track() returned, "INCIDENT <type> <lost>" from the error listener.
+# "ACK <message_id>" once track() returned, "INCIDENT <type> <lost>" from the error listener;
+# "PAUSED" when it finds <stop>.pause, and waits until that file is gone.
 WRITER = """
-    import os, sys
+    import os, sys, time
     from durable_analytics import Analytics
     queue_dir, stop = sys.argv[1], sys.argv[2]
+    pause = stop + ".pause"
 
     def heard(error):
         print("INCIDENT", type(error).__name__, getattr(error, "lost", None), flush=True)
@@ -44,6 +46,10 @@ WRITER = """
     print("FILE", client.queue_path, flush=True)
     n = 0
     while not os.path.exists(stop):
+        if os.path.exists(pause):
+            print("PAUSED", flush=True)
+            while os.path.exists(pause):
+                time.sleep(0.01)
         mid = client.track("u", "e", {"n": n, "pad": "x" * 200})
         stats = client.stats()["dropped"]
         if not sum(stats.values()):
@@ -175,6 +181,47 @@ def test_a_deleted_wal_index_or_wal_is_noticed_copied_and_nothing_is_lost_or_mal
     acked = writer.acked()
     delivered = set(collector.message_ids())
     assert [m for m in acked if m not in delivered] == []
+    assert set(quick_checks(queue_dir).values()) <= {"ok"}, quick_checks(queue_dir)
+
+
+def test_a_new_process_never_opens_a_queue_whose_wal_index_others_still_use(
+    tmp_path: Path, collector: Collector, writers: list[Writer]
+) -> None:
+    """The -shm of an idle writer's file is deleted; a process started afterwards ships the
+    queue. It must not open that file (it would build a WAL index of its own next to the
+    writer's): it waits until the writer, at its next track(), has moved to a fresh file.
+    Every event is then delivered exactly once, and no file is malformed.
+    """
+    queue_dir, stop = tmp_path / "queue", tmp_path / "stop"
+    pause = Path(f"{stop}.pause")
+    writer = Writer(queue_dir, stop)
+    writers.append(writer)
+    own = writer.file()
+    assert wait_for(lambda: len(writer.acked()) >= 100)
+    pause.touch()
+    assert wait_for(lambda: "PAUSED" in writer.lines)
+    Path(f"{own}-shm").unlink()
+    with Analytics(
+        app_id="faults",
+        persistence_dir=queue_dir,
+        base_url=collector.url,
+        handle_signals=False,
+        flush_interval=0.05,
+    ) as sender:
+        sender.track("u", "sender")  # a worker at work: its flusher runs
+        sender.flush(timeout=1)  # the writer's file is left to its owner meanwhile
+        assert not Path(f"{own}-shm").exists()  # no second WAL index was built
+        paused_at = len(writer.acked())
+        pause.unlink()
+        assert wait_for(lambda: len(writer.acked()) >= paused_at + 100)
+        stop.touch()
+        writer.finish()
+        acked = writer.acked()
+        assert wait_for(lambda: set(acked) <= set(collector.message_ids()), timeout=30)
+    assert writer.incidents() == [["QueueReplacedError", "0"]]
+    delivered = collector.message_ids()
+    assert [m for m in acked if m not in set(delivered)] == []
+    assert len(delivered) == len(set(delivered)), "events delivered twice"
     assert set(quick_checks(queue_dir).values()) <= {"ok"}, quick_checks(queue_dir)
 
 
