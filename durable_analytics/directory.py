@@ -185,6 +185,11 @@ class QueueDirectory:
         """How many more events this process may queue before its cap (None: no cap)."""
         return self.own.room()
 
+    def keep_fresh(self) -> None:
+        """Refresh the times of this process's own files if due (`QueueStorage.keep_fresh`)."""
+        if self._pid == os.getpid() and not self._retired:
+            self._own.keep_fresh(if_due=True)
+
     def quarantine(self, error: QueueCorruptError) -> None:
         """Move the damaged file ``error`` is about aside (our own: and start it afresh)."""
         with self._guard:

@@ -3,8 +3,9 @@
 `QueueStorage` opens ``queue.db``: it checks the directory and its filesystem, creates the
 file 0600, migrates the schema and binds the app id, all under a cross-process init lock. It
 hands out the writers' connection and the flusher's, each behind its own lock and opened
-lazily, and notices when the path names another file than the one a connection has open.
-`SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
+lazily, and notices when the path names another file than the one a connection has open, or
+another -wal or -shm (`_look`: one ``stat`` of the directory per operation while nothing in it
+changes). `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
 Two more connections only read one row at a time (`_peek`: depth, last id, head), one for
 the main thread and one for all others, each behind a lock of its own. Once open, they wait
@@ -17,9 +18,14 @@ After ``fork()`` the child must neither use nor close the parent's connections (
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
 open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
 without the OS locks the other processes rely on. So a ``before`` fork hook closes every
-queue's connections in the parent (waiting, bounded, for the statement in progress); the
-child starts with none and the parent reopens lazily. Connections that could not be closed
-in time are abandoned in the child: kept alive, never closed.
+queue's connections in the parent (waiting at most `FORK_WAIT`, 0.2 s, in all, for statements
+in progress: a thread of ours may be waiting seconds for another process's lock); the child
+starts with none and the parent reopens lazily. Connections that could not be closed in time
+are abandoned in the child (kept alive, never closed), and the child never opens a new
+connection to their databases (`_INHERITED`).
+
+The owner of a file refreshes the times of its files hourly (`keep_fresh`), so that an
+age-based cleaner of /tmp does not delete a live queue's files.
 
 With ``self_heal=True`` this is also where a damaged, replaced or unavailable file is
 recovered from; recovery.py describes each case and holds the parts that need no connection.
@@ -721,9 +727,9 @@ class QueueStorage:
             # Our connections (this one, the flusher's) use a -wal or -shm the path no longer
             # names: move to a fresh file. A new connection would share their WAL index.
             self._recover_companions(moved, conn)
-        conn = self._open_writer()
         self._cap_room = None
-        return conn
+        # The recovery may have opened the writers' connection on the fresh file already.
+        return self._writer or self._open_writer()
 
     def _look(self) -> tuple[FileId | None, str | None]:
         """The file at the path now, and which of its -wal/-shm our connections lost, if any.
@@ -751,14 +757,17 @@ class QueueStorage:
             self._seen = None
         return db, moved
 
-    def keep_fresh(self) -> None:
+    def keep_fresh(self, *, if_due: bool = False) -> None:
         """Refresh the times of our own database, -wal, -shm and lock file, and the directory's.
 
         An age-based cleaner (systemd-tmpfiles deletes what /tmp has not touched in 10 days)
         would delete a live queue's files: a -shm is only ever mapped, so its times never
-        move, and an idle queue's database doesn't either. The writers' path calls this every
-        `fresh_every` seconds (an hour); six ``utime`` calls, no write to the files.
+        move, and an idle queue's database doesn't either. The writers' path and the flusher
+        thread call this (``if_due``) every `fresh_every` seconds (an hour); six ``utime``
+        calls, no write to the files.
         """
+        if if_due and time.monotonic() - self._fresh_at < self.fresh_every:
+            return
         self._fresh_at = time.monotonic()
         paths = (
             self._path_str,

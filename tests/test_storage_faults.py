@@ -252,13 +252,15 @@ def test_a_deleted_wal_then_sigkill_loses_nothing_acknowledged(
     assert set(quick_checks(queue_dir).values()) <= {"ok"}, quick_checks(queue_dir)
 
 
+@pytest.mark.parametrize("by", ["track", "flusher"])
 def test_a_live_queues_files_are_kept_fresh_for_age_based_cleaners(
-    make_client: Callable[..., Analytics],
+    make_client: Callable[..., Analytics], collector: Collector, by: str
 ) -> None:
     """systemd-tmpfiles deletes what /tmp has not touched in 10 days, and a mapped -shm's times
-    never move: the owner refreshes the times of its database, -wal, -shm and lock file
-    (hourly; here with the period set to 0 through `QueueStorage.fresh_every`)."""
-    client = make_client(send=False)
+    never move: the owner refreshes the times of its database, -wal, -shm and lock file,
+    hourly (here with the period set to 0 through `QueueStorage.fresh_every`), from track()
+    and from the flusher thread of an otherwise idle process."""
+    client = make_client(base_url=collector.url, flush_interval=0.05, send=by == "flusher")
     client.track("u", "first")
     own = client.queue_path
     files = [own, Path(f"{own}-wal"), Path(f"{own}-shm"), lock_path_of(own)]
@@ -269,7 +271,8 @@ def test_a_live_queues_files_are_kept_fresh_for_age_based_cleaners(
     client._queue.own.fresh_every = 0.0
 
     def fresh() -> bool:
-        client.track("u", "more")
+        if by == "track":
+            client.track("u", "more")
         limit = time.time() - DAY
         return all(p.stat().st_mtime > limit and p.stat().st_atime > limit for p in files)
 
