@@ -409,7 +409,12 @@ class QueueDirectory:
             queues = list(self._files.values())
         for queue in self._each(queues):
             if queue.wal_size() >= max(min_bytes, 1):
-                done = queue.checkpoint(restart=restart) and done
+                try:
+                    done = queue.checkpoint(restart=restart) and done
+                except StorageUnavailableError:
+                    if queue is self._own:
+                        raise
+                    done = False  # another process's file we may not open now (read_batch)
         return done
 
     def compact(self) -> None:
@@ -418,7 +423,11 @@ class QueueDirectory:
         with self._guard:
             queues = list(self._files.values())
         for queue in self._each(queues):
-            queue.compact()
+            try:
+                queue.compact()
+            except StorageUnavailableError:
+                if queue is self._own:
+                    raise
 
     def remove_dead_files(self) -> int:
         """Remove every empty file whose owner is dead; returns how many (flusher only).

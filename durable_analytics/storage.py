@@ -150,8 +150,8 @@ RESTORE_CHECKPOINT: Final = (
 # Opening a queue that was unavailable (full or read-only disk) is retried this often.
 _REOPEN_EVERY = 1.0
 # How many times, how far apart, `_index_left_behind` looks before it believes what it sees.
-_PROBES = 3
-_PROBE_PAUSE = 0.002
+_PROBES = 6
+_PROBE_PAUSE = 0.001
 # A directory changed less than this long ago may change again within the same timestamp tick
 # (file times come from a coarse clock), so its times don't prove nothing changed (`_look`).
 _SETTLED_NS = 1_000_000_000
@@ -624,7 +624,8 @@ class QueueStorage:
                 path=self._path_str,
             )
         moved = _companions_moved(db, self._path_str)
-        if moved is None and db is not None and not _CONNECTIONS.get(db):
+        if moved is None and db is not None and not self.create and not _CONNECTIONS.get(db):
+            # Another process's file (our own is noticed by `_look` on our connections).
             moved = "-shm" if self._index_left_behind() else None
         if moved is not None:
             raise StorageUnavailableError(
@@ -659,11 +660,14 @@ class QueueStorage:
 
     def _index_left_behind(self) -> bool:
         """`index_left_behind`, asked again for a moment: a process in the middle of opening
-        the database holds its lock a few microseconds before the -shm's."""
+        (or closing) the database holds its lock without the -shm's, for microseconds, or
+        for as long as it is descheduled on a busy machine."""
+        pause = _PROBE_PAUSE
         for _ in range(_PROBES):
             if not index_left_behind(self._path_str):
                 return False
-            time.sleep(_PROBE_PAUSE)
+            time.sleep(pause)
+            pause *= 2
         return True
 
     @property
