@@ -311,6 +311,8 @@ class Flusher:
             self._wake.clear()
             if self._stop.is_set():
                 break
+            # Hourly: an idle process's files must not look abandoned to a /tmp cleaner.
+            self.queue.keep_fresh()
             if self._checkpoint_due():
                 # Writers leave checkpoints to us; do it even while backing off, or a long
                 # outage would let the WAL grow with every track().

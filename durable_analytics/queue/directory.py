@@ -199,6 +199,11 @@ class QueueDirectory:
         """How many more events this process may queue before its cap (None: no cap)."""
         return self.own.room()
 
+    def keep_fresh(self) -> None:
+        """Refresh the times of this process's own files if due (`QueueStorage.keep_fresh`)."""
+        if self._pid == os.getpid() and not self._retired:
+            self._own.keep_fresh(if_due=True)
+
     def quarantine(self, error: QueueCorruptError) -> None:
         """Move the damaged file ``error`` is about aside (our own: and start it afresh)."""
         with self._guard:
@@ -400,6 +405,14 @@ class QueueDirectory:
                 queue = queues[(self._turn + step) % len(queues)]
                 try:
                     batch = queue.read_batch(max_count, max_bytes, unreadable)
+                except StorageUnavailableError:
+                    if queue is self._own:
+                        raise
+                    # Gone, or another process's file we may not open now (its -shm was
+                    # deleted and its owner has not moved on yet, or it is locked): the
+                    # others go on.
+                    self._gone(queue)
+                    continue
                 except StorageError:
                     if queue is self._own or not self._gone(queue):
                         raise
@@ -448,6 +461,11 @@ class QueueDirectory:
             if queue.wal_size() >= max(min_bytes, 1):
                 try:
                     done = queue.checkpoint(restart=restart) and done
+                except StorageUnavailableError:
+                    if queue is self._own:
+                        raise
+                    self._gone(queue)
+                    done = False  # another process's file we may not open now (read_batch)
                 except StorageError:
                     if queue is self._own or not self._gone(queue):
                         raise
@@ -458,6 +476,10 @@ class QueueDirectory:
         for queue in self._scanned():
             try:
                 queue.compact()
+            except StorageUnavailableError:
+                if queue is self._own:
+                    raise
+                self._gone(queue)
             except StorageError:
                 if queue is self._own or not self._gone(queue):
                     raise

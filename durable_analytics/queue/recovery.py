@@ -16,6 +16,17 @@ i.e. by the client; tools that only inspect get the error instead:
   old connection is abandoned (closing it would make SQLite unlink ``queue.db-wal`` *by
   name*, i.e. the new file's WAL), the pending count it still sees is reported as lost in a
   `QueueReplacedError`, and the file now at the path is opened (created if missing).
+- Its ``-wal`` or ``-shm`` (WAL index) deleted or replaced while the database stays: our
+  connections keep using the unlinked ones, and a connection opened later, by another
+  process or by this one once ours are gone, would use the new ones: two WAL indexes, two
+  sets of WAL locks, writers overwriting each other's frames (malformed files, lost events).
+  Noticed like a replaced database (storage.py: `QueueStorage` and its ``_look``). The
+  owner copies what its old connection still sees (every pending event, dead letter and
+  checkpoint, read through the unlinked files) into a fresh file at the same path, moves
+  the old files aside (`STALE_KIND`) and abandons its connections; any other process only
+  abandons its connections and opens nothing on that database again, and follows the
+  owner's fresh file. Loss (only what could not be read) is reported as a
+  `QueueReplacedError`.
 - Disk full, read-only or no permission at open: the queue stays closed, each operation
   raises `StorageUnavailableError` at once, and opening is retried at most once a second.
 
@@ -29,8 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import sqlite3
+import struct
 import sys
 import time
 import uuid
@@ -49,10 +62,13 @@ from .paths import wal_size
 __all__ = [
     "ORPHAN_KIND",
     "QUARANTINE_KIND",
+    "STALE_KIND",
     "FileId",
     "abandon",
     "check_header",
+    "companions_error",
     "file_identity",
+    "index_left_behind",
     "move_aside",
     "orphaned_wal",
     "quarantined_as",
@@ -64,10 +80,17 @@ __all__ = [
 #: e.g. ``events-4242-….db.corrupt-20261129T172500Z-4242-1a2b3c4d``.
 QUARANTINE_KIND: Final = "corrupt"
 ORPHAN_KIND: Final = "orphan"
+#: A database whose -wal or -shm was deleted under it; its owner copied its rows to a fresh file.
+STALE_KIND: Final = "stale"
 
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 # Primary result codes (sqlite3.h) for translate; Python 3.11+ exposes them on the error.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+
+# SQLite's locks (os_unix.c): a connection holds a read lock on these bytes of the database for
+# as long as it is open in WAL mode, and one on this byte of the -shm while it maps it.
+_SHARED_FIRST, _SHARED_SIZE = 0x40000000 + 2, 510
+_SHM_DMS = 128
 
 # Connections that must never be closed: inherited across fork, or open on a file that was
 # deleted or moved aside (SQLite's close would checkpoint and unlink "queue.db-wal" by name,
@@ -153,6 +176,50 @@ def file_identity(path: str) -> FileId | None:
     return (st.st_dev, st.st_ino)
 
 
+def _read_locked(fd: int, start: int, length: int) -> bool:
+    """Whether another process holds a lock on these bytes of ``fd``'s file (F_GETLK)."""
+    # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
+    query = struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    return bool(struct.unpack("@hhqqi4x", answer)[0] != fcntl.F_UNLCK)
+
+
+def index_left_behind(db: str) -> bool:
+    """True if another process has database ``db`` open on a -shm the path no longer names.
+
+    Before this process opens its first connection to a database: SQLite would open (or
+    create) the -shm at the path and, finding nobody on it, rebuild a WAL index of its own,
+    while the others go on with theirs (deleted from the path by a cleaner). Told by SQLite's
+    own locks: someone holds the database's shared lock, and nobody the -shm's.
+
+    Only for a database this process has no connection to: closing our descriptors drops
+    every POSIX lock this process holds on the file (hence never with one open).
+    """
+    try:
+        fd = os.open(db, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _read_locked(fd, _SHARED_FIRST, _SHARED_SIZE):
+            return False  # nobody else has it open
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        fd = os.open(db + "-shm", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        return not _read_locked(fd, _SHM_DMS, 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def abandon(conn: sqlite3.Connection) -> None:
     """Keep ``conn`` alive for the rest of the process and never close it.
 
@@ -168,13 +235,14 @@ def abandon(conn: sqlite3.Connection) -> None:
 
 def move_aside(
     db_path: Path,
-    error: QueueCorruptError,
+    error: QueueCorruptError | None,
     kind: str,
     suffixes: tuple[str, ...] = ("", "-wal", "-shm"),
-) -> None:
+) -> str:
     """Rename the database (first) and its -wal/-shm to a quarantine name; keep them 0600.
 
-    The caller holds the init lock. Sets ``error.quarantined_to``.
+    The caller holds the init lock. Returns the new name of the database, also set as
+    ``error.quarantined_to``.
     """
     directory, db = db_path.parent, str(db_path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -187,7 +255,9 @@ def move_aside(
             continue
         with contextlib.suppress(OSError):
             os.chmod(target, 0o600)
-    error.quarantined_to = str(directory / name)
+    if error is not None:
+        error.quarantined_to = str(directory / name)
+    return str(directory / name)
 
 
 def orphaned_wal(db_path: Path) -> QueueCorruptError | None:
@@ -218,14 +288,14 @@ def orphaned_wal(db_path: Path) -> QueueCorruptError | None:
     )
 
 
-def quarantined_as(directory: Path, identity: FileId) -> str | None:
-    """Where the file ``identity`` was moved aside as damaged (by any process), if it was."""
+def quarantined_as(directory: Path, identity: FileId, kind: str = QUARANTINE_KIND) -> str | None:
+    """Where the file ``identity`` was moved aside as ``kind`` (by any process), if it was."""
     try:
         names = os.listdir(directory)
     except OSError:
         return None
     for name in names:
-        if f".{QUARANTINE_KIND}-" in name and not name.endswith(("-wal", "-shm")):
+        if f".{kind}-" in name and not name.endswith(("-wal", "-shm")):
             path = directory / name
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
@@ -234,12 +304,44 @@ def quarantined_as(directory: Path, identity: FileId) -> str | None:
     return None
 
 
+def companions_error(
+    db: Path, which: str, moved_to: str | None, copied: int, lost: int | None
+) -> QueueReplacedError:
+    """The incident for a database whose ``which`` ("-wal", "-shm") left the path under us.
+
+    ``copied`` pending events were read through our connection and written to the fresh
+    file; ``lost`` could not be read (None: unknown how many).
+    """
+    where = f" (kept as {moved_to})" if moved_to else ""
+    if lost == 0:
+        outcome = f"its {copied} pending event(s) were copied to a fresh file; none lost"
+    else:
+        count = "its" if lost is None else lost
+        outcome = f"{count} pending event(s) could not be read and are lost"
+    return QueueReplacedError(
+        f"the {which} of {db} was deleted or replaced while in use (a temp-directory "
+        f"cleaner?); moved the old files aside{where}: {outcome}",
+        path=str(db),
+        lost=lost,
+    )
+
+
 def replaced_error(db: Path, identity: FileId, lost: int | None) -> QueueReplacedError:
     """The incident for the file ``identity``, open as ``db`` until it left that path.
 
     ``lost`` is the depth our connection still saw in it (None if unknown). A file another
-    process moved aside as damaged lost nothing here: that process reports the damage.
+    process moved aside as damaged lost nothing here: that process reports the damage; nor
+    did one whose owner moved it aside after its -wal or -shm was deleted, having copied its
+    rows to the fresh file at the path (the owner reports what it could not copy).
     """
+    stale = quarantined_as(db.parent, identity, STALE_KIND)
+    if stale is not None:
+        return QueueReplacedError(
+            f"{db} lost its -wal or -shm and was moved aside (to {stale}) by its owner, "
+            "which copied its events to a fresh file; reopened the new queue",
+            path=str(db),
+            lost=0,
+        )
     moved_to = quarantined_as(db.parent, identity)
     if moved_to is not None:
         return QueueReplacedError(

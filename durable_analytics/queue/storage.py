@@ -3,8 +3,9 @@
 `QueueStorage` opens ``queue.db``: it checks the directory and its filesystem, creates the
 file 0600, migrates the schema and binds the app id, all under a cross-process init lock. It
 hands out the writers' connection and the flusher's, each behind its own lock and opened
-lazily, and notices when the path names another file than the one a connection has open.
-`SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
+lazily, and notices when the path names another file than the one a connection has open, or
+another -wal or -shm (`_look`: one ``stat`` of the directory per operation while nothing in it
+changes). `SQLiteQueue` (queue.py) builds the queue's operations on these two connections.
 
 Two more connections only read one row at a time (`_peek`: depth, last id, head), one for
 the main thread and one for all others, each behind a lock of its own. Once open, they wait
@@ -17,9 +18,14 @@ After ``fork()`` the child must neither use nor close the parent's connections (
 "how to corrupt" page). Worse, a child that opens a *new* connection to a file its parent had
 open shares SQLite's per-process lock bookkeeping with the inherited one, so it would run
 without the OS locks the other processes rely on. So a ``before`` fork hook closes every
-queue's connections in the parent (waiting, bounded, for the statement in progress); the
-child starts with none and the parent reopens lazily. Connections that could not be closed
-in time are abandoned in the child: kept alive, never closed.
+queue's connections in the parent (waiting at most `FORK_WAIT`, 0.2 s, in all, for statements
+in progress: a thread of ours may be waiting seconds for another process's lock); the child
+starts with none and the parent reopens lazily. Connections that could not be closed in time
+are abandoned in the child (kept alive, never closed), and the child never opens a new
+connection to their databases (`_INHERITED`).
+
+The owner of a file refreshes the times of its files hourly (`keep_fresh`), so that an
+age-based cleaner of /tmp does not delete a live queue's files.
 
 With ``self_heal=True`` this is also where a damaged, replaced or unavailable file is
 recovered from; recovery.py describes each case and holds the parts that need no connection.
@@ -63,10 +69,13 @@ from .paths import (
 from .recovery import (
     ORPHAN_KIND,
     QUARANTINE_KIND,
+    STALE_KIND,
     FileId,
     abandon,
     check_header,
+    companions_error,
     file_identity,
+    index_left_behind,
     move_aside,
     orphaned_wal,
     replaced_error,
@@ -114,10 +123,42 @@ SELECT_DEPTH: Final = (
     " - (SELECT removed FROM queue_counts WHERE id = 1)"
 )
 
+# What a queue that lost its -wal or -shm copies to its fresh file (`_recover_companions`).
+SALVAGE_EVENTS: Final = (
+    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload "
+    "FROM events ORDER BY id"
+)
+RESTORE_EVENT: Final = (
+    "INSERT INTO events (message_id, type, event, distinct_id, created_at, attempts, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+SALVAGE_DEAD_LETTERS: Final = (
+    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
+    "status_code, failed_at, response FROM dead_letter ORDER BY id"
+)
+RESTORE_DEAD_LETTER: Final = (
+    "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
+    "payload, reason, status_code, failed_at, response) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SALVAGE_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints"
+RESTORE_CHECKPOINT: Final = (
+    "INSERT OR REPLACE INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?)"
+)
+
 # --- this process's state, shared by its queues ------------------------------------------------
 
 # Opening a queue that was unavailable (full or read-only disk) is retried this often.
 _REOPEN_EVERY = 1.0
+# How many times, how far apart, `_index_left_behind` looks before it believes what it sees.
+_PROBES = 6
+_PROBE_PAUSE = 0.001
+# A directory changed less than this long ago may change again within the same timestamp tick
+# (file times come from a coarse clock), so its times don't prove nothing changed (`_look`).
+_SETTLED_NS = 1_000_000_000
+#: How often the owner refreshes the times of its files (`keep_fresh`): age-based cleaners
+#: (systemd-tmpfiles: 10 days in /tmp) delete files whose atime, mtime and ctime are all old,
+#: and a mapped -shm's times never move by themselves.
+FRESH_EVERY = 3600.0
 
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
@@ -138,33 +179,102 @@ def _forget_write_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_write_locks_in_child)
 
 
+# The -wal and -shm a database's connections in this process use. SQLite maps one WAL index
+# per database inode per process, shared by every connection of the process to it and
+# released only when the last one closes: a connection opened while another (even an
+# abandoned one) is open reuses it, whatever -shm the path names by then. So per inode:
+# how many connections we have open (abandoned ones are never uncounted), and which -wal and
+# -shm the path named when the first of them opened. When the path names others, opening
+# another connection would mix two WAL indexes (`_connect` refuses).
+Companions = tuple[FileId | None, FileId | None]
+_CONNECTIONS: collections.Counter[FileId] = collections.Counter()
+_COMPANIONS: dict[FileId, Companions] = {}
+# In a forked child: databases it inherited connections to. SQLite's per-process lock
+# bookkeeping came along with them and says locks are held that the child does not hold, so
+# a new connection to one of them would write without the OS locks: never opened here.
+_INHERITED: set[FileId] = set()
+_REGISTRY_GUARD = threading.Lock()
+
+
+def _companions_at(path: str) -> Companions:
+    return (file_identity(path + "-wal"), file_identity(path + "-shm"))
+
+
+def _connected(db: FileId, path: str) -> None:
+    with _REGISTRY_GUARD:
+        if not _CONNECTIONS[db]:
+            _COMPANIONS[db] = _companions_at(path)
+        _CONNECTIONS[db] += 1
+
+
+def _disconnect(conn: sqlite3.Connection, db: FileId | None) -> None:
+    """Close ``conn`` (its file is still at the path, with its -wal and -shm)."""
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
+    if db is None:
+        return
+    with _REGISTRY_GUARD:
+        left = _CONNECTIONS[db] - 1
+        if left > 0:
+            _CONNECTIONS[db] = left
+        else:
+            del _CONNECTIONS[db]
+            _COMPANIONS.pop(db, None)
+
+
+def _companions_moved(db: FileId | None, path: str) -> str | None:
+    """Which of -wal/-shm the path no longer names for our connections to ``db`` (or None)."""
+    if db is None or not _CONNECTIONS.get(db):
+        return None
+    expected = _COMPANIONS.get(db)
+    if expected is None:
+        return None
+    now = _companions_at(path)
+    if None in expected:
+        # Opened on a new, empty database: SQLite creates its -wal and -shm at the first
+        # write. The first ones seen are ours.
+        expected = (expected[0] or now[0], expected[1] or now[1])
+        with _REGISTRY_GUARD:
+            if db in _COMPANIONS:
+                _COMPANIONS[db] = expected
+    moved = [name for name, a, b in zip(("-wal", "-shm"), expected, now, strict=True) if a != b]
+    return " and ".join(moved) or None
+
+
 # Every queue of this process, for the fork hooks.
 _OPEN_QUEUES: weakref.WeakSet[QueueStorage] = weakref.WeakSet()
 # Held while a thread of this process holds init.lock, so fork() waits for it: a child that
 # inherited init.lock's descriptor mid-migration would keep the lock if the parent died.
 _INIT_GUARD = threading.Lock()
-# How long fork() waits for a statement in progress before abandoning instead of closing.
-_FORK_WAIT = 2.0
+# How long fork() waits in all for statements in progress (of every queue together) before
+# leaving the rest open, to be abandoned in the child. A thread of ours may be waiting for
+# another process's write lock for up to busy_timeout: fork() must not wait that long.
+FORK_WAIT = 0.2
 # Locks a forking thread took in the before hook, released in the parent after the fork.
 _HELD_FOR_FORK: dict[int, list[Any]] = {}
 
 
 def _before_fork() -> None:
-    """Close every queue's connections so the child inherits none (module docstring)."""
+    """Close every queue's connections so the child inherits none (module docstring).
+
+    Waits at most `FORK_WAIT` in all; what is still in use by then stays open in the parent
+    and is abandoned in the child, which never opens those databases (`_INHERITED`).
+    """
     held: list[Any] = []
+    deadline = time.monotonic() + FORK_WAIT
     for queue in list(_OPEN_QUEUES):
         if queue._pid != os.getpid():
             continue
         taken: list[Any] = []
         locks = (queue._lock, queue._flush_lock, *(slot.lock for slot in queue._read_slots))
         for lock in locks:
-            if not lock.acquire(timeout=_FORK_WAIT):
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
             taken.append(lock)
         if len(taken) == len(locks) and not any(slot.busy for slot in queue._read_slots):
             queue._release_connections()
         held.extend(taken)
-    if _INIT_GUARD.acquire(timeout=_FORK_WAIT):
+    if _INIT_GUARD.acquire(timeout=max(0.0, deadline - time.monotonic())):
         held.append(_INIT_GUARD)
     _HELD_FOR_FORK[threading.get_ident()] = held
 
@@ -175,10 +285,12 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _INIT_GUARD
+    global _INIT_GUARD, _REGISTRY_GUARD
     # The parent's locks stay taken in this copy of memory; every queue gets fresh ones.
     _HELD_FOR_FORK.clear()
     _INIT_GUARD = threading.Lock()
+    _REGISTRY_GUARD = threading.Lock()
+    _INHERITED.update(db for db, count in _CONNECTIONS.items() if count > 0)
     for queue in list(_OPEN_QUEUES):
         queue.after_fork()
 
@@ -256,6 +368,12 @@ class QueueStorage:
         self._ready = False
         self._unavailable: StorageUnavailableError | None = None
         self._retry_open_at = 0.0
+        self._dir_str = str(self.directory)
+        # (directory stamp, file at the path, its moved -wal/-shm) of `_look`'s last full look.
+        self._seen: tuple[tuple[int, int, int], FileId | None, str | None] | None = None
+        #: Seconds between two `keep_fresh` of our own files by the writers' path.
+        self.fresh_every = FRESH_EVERY
+        self._fresh_at = time.monotonic()
         _OPEN_QUEUES.add(self)
         try:
             self._open()
@@ -429,7 +547,7 @@ class QueueStorage:
         """
         check_header(self.path)
         try:
-            conn = self._connect()
+            conn, db = self._connect()
             try:
                 migrations.check_version(conn, self._path_str)
                 migrations.apply(conn)
@@ -439,8 +557,7 @@ class QueueStorage:
                 conn.execute(PROBE_FIRST).fetchone()
                 conn.execute(PROBE_LAST).fetchone()
             finally:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+                _disconnect(conn, db)
         except sqlite3.DatabaseError as exc:
             raise translate(exc, self.path) from exc
         return str(owner)
@@ -500,7 +617,30 @@ class QueueStorage:
                     self._defer_open(exc)
                     raise
 
-    def _connect(self, *, create: bool = True) -> sqlite3.Connection:
+    def _connect(self, *, create: bool = True) -> tuple[sqlite3.Connection, FileId | None]:
+        """A new connection to the file at the path, and that file's identity.
+
+        Refused (`StorageUnavailableError`) where it could not be used safely: a database this
+        forked child inherited connections to, or one whose -wal or -shm our open connections
+        use is no longer the one at the path (it would share theirs, see `_CONNECTIONS`).
+        """
+        db = file_identity(self._path_str)
+        if db is not None and db in _INHERITED:
+            raise StorageUnavailableError(
+                f"{self.path} was open in the parent process when it forked; "
+                "this process leaves it to the others",
+                path=self._path_str,
+            )
+        moved = _companions_moved(db, self._path_str)
+        if moved is None and db is not None and not self.create and not _CONNECTIONS.get(db):
+            # Another process's file (our own is noticed by `_look` on our connections).
+            moved = "-shm" if self._index_left_behind() else None
+        if moved is not None:
+            raise StorageUnavailableError(
+                f"the {moved} of {self.path} was deleted or replaced; waiting for its owner "
+                "to move it aside",
+                path=self._path_str,
+            )
         # isolation_level=None: we issue BEGIN ourselves (the legacy implicit BEGIN is
         # DEFERRED, which can fail with SQLITE_BUSY on upgrade). check_same_thread=False:
         # each connection is guarded by its own lock instead. create=False: a missing file
@@ -521,7 +661,22 @@ class QueueStorage:
         except BaseException:
             conn.close()
             raise
-        return conn
+        db = file_identity(self._path_str)  # a new file exists only now
+        if db is not None:
+            _connected(db, self._path_str)
+        return conn, db
+
+    def _index_left_behind(self) -> bool:
+        """`index_left_behind`, asked again for a moment: a process in the middle of opening
+        (or closing) the database holds its lock without the -shm's, for microseconds, or
+        for as long as it is descheduled on a busy machine."""
+        pause = _PROBE_PAUSE
+        for _ in range(_PROBES):
+            if not index_left_behind(self._path_str):
+                return False
+            time.sleep(pause)
+            pause *= 2
+        return True
 
     @property
     def file_id(self) -> FileId | None:
@@ -562,21 +717,158 @@ class QueueStorage:
     def _writer_connection(self) -> sqlite3.Connection:
         """The writers' connection (the caller holds ``self._lock``).
 
-        Opened lazily; reopened when the path no longer names the file it has open (one
-        ``stat`` per operation: a write to a deleted file would be lost silently).
+        Opened lazily; reopened when the path no longer names the file it has open, or its
+        -wal or -shm are no longer ours (`_look`, one ``stat`` per operation: a write to a
+        deleted file would be lost silently). Refreshes our files' times now and then.
         """
         if not self._ready:
             self._ensure_ready()
+        if self.owned and time.monotonic() - self._fresh_at >= self.fresh_every:
+            self.keep_fresh()
         conn = self._writer
+        current, moved = self._look()
         if conn is not None:
-            if file_identity(self._path_str) == self._writer_id:
+            if current == self._writer_id and moved is None:
                 return conn
             self._writer = None
-            self._recover_replaced(conn, self._writer_id)
-        conn = self._open_writer()
-        self._writer_id = file_identity(self._path_str)
+            if current != self._writer_id:
+                self._recover_replaced(conn, self._writer_id)
+                current, moved = self._look()
+                conn = None
+        if moved is not None:
+            # Our connections (this one, the flusher's) use a -wal or -shm the path no longer
+            # names: move to a fresh file. A new connection would share their WAL index.
+            self._recover_companions(moved, conn)
         self._cap_room = None
-        return conn
+        # The recovery may have opened the writers' connection on the fresh file already.
+        return self._writer or self._open_writer()
+
+    def _look(self) -> tuple[FileId | None, str | None]:
+        """The file at the path now, and which of its -wal/-shm our connections lost, if any.
+
+        Usually one ``stat`` of the directory: a file deleted, renamed or created in it
+        changes the directory's mtime and ctime, so while they stay as at the last full look
+        (which stats the database, its -wal and its -shm) so does every name in it. The
+        stamp is trusted only once the change it records is `_SETTLED_NS` old: a change in
+        the same tick of the filesystem's coarse clock would leave the times as they were.
+        """
+        try:
+            st = os.stat(self._dir_str)
+        except OSError:
+            stamp = None
+        else:
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            seen = self._seen
+            if seen is not None and seen[0] == stamp:
+                return seen[1], seen[2]
+        db = file_identity(self._path_str)
+        moved = _companions_moved(db, self._path_str)
+        if stamp is not None and time.time_ns() - max(stamp[1], stamp[2]) > _SETTLED_NS:
+            self._seen = (stamp, db, moved)
+        else:
+            self._seen = None
+        return db, moved
+
+    def keep_fresh(self, *, if_due: bool = False) -> None:
+        """Refresh the times of our own database, -wal, -shm and lock file, and the directory's.
+
+        An age-based cleaner (systemd-tmpfiles deletes what /tmp has not touched in 10 days)
+        would delete a live queue's files: a -shm is only ever mapped, so its times never
+        move, and an idle queue's database doesn't either. The writers' path and the flusher
+        thread call this (``if_due``) every `fresh_every` seconds (an hour); six ``utime``
+        calls, no write to the files.
+        """
+        if if_due and time.monotonic() - self._fresh_at < self.fresh_every:
+            return
+        self._fresh_at = time.monotonic()
+        paths = (
+            self._path_str,
+            self._path_str + "-wal",
+            self._path_str + "-shm",
+            str(lock_path_of(self.path)),
+            str(self.directory / INIT_LOCK_NAME),
+            self._dir_str,
+        )
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.utime(path, follow_symlinks=False)
+
+    def _recover_companions(self, moved: str, writer: sqlite3.Connection | None) -> None:
+        """Our connections use a -wal or -shm (``moved``) the path no longer names.
+
+        The caller holds ``self._lock``. Until they go, a new connection of this process
+        would share their WAL index while other processes open the one at the path; so they
+        are abandoned and the database is never opened again. Our own file: what our
+        connection still sees through the unlinked files is copied into a fresh file at the
+        same path, the old files are moved aside (`STALE_KIND`) and the loss, if any, is
+        reported. Another process's file: left to its owner (`StorageUnavailableError`).
+        """
+        with self._flush_lock:
+            reader, self._reader = self._reader, None
+            file_id = self._writer_id or self._reader_id
+            self._writer = None
+            self._writer_id = self._reader_id = None
+            old = writer or reader
+            try:
+                if not self.create:
+                    raise StorageUnavailableError(
+                        f"the {moved} of {self.path} was deleted or replaced; left to its owner",
+                        path=self._path_str,
+                    )
+                aside = None
+                try:
+                    with self._init_locked():
+                        if file_id is not None and file_identity(self._path_str) == file_id:
+                            aside = move_aside(self.path, None, STALE_KIND)
+                        self._initialise_locked()
+                except StorageError:
+                    # No fresh file (a full disk): what the old one held is out of reach.
+                    self.incidents.append(companions_error(self.path, moved, aside, 0, None))
+                    raise
+                copied, lost = self._copy_from(old) if old is not None else (0, None)
+                self._recovered_id = file_id
+                self.incidents.append(companions_error(self.path, moved, aside, copied, lost))
+            finally:
+                for conn in (writer, reader):
+                    if conn is not None:
+                        abandon(conn)
+
+    def _copy_from(self, old: sqlite3.Connection) -> tuple[int, int | None]:
+        """Copy the rows ``old`` sees into the fresh file; (events copied, events lost).
+
+        In one read transaction on ``old`` and one write transaction on the new file, in
+        chunks (a backlog may be large). On failure the new file gets none of them.
+        """
+        conn = self._open_writer()
+        copied = 0
+        try:
+            with self._write_lock:
+                old.execute("BEGIN")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for select, insert in (
+                        (SALVAGE_EVENTS, RESTORE_EVENT),
+                        (SALVAGE_DEAD_LETTERS, RESTORE_DEAD_LETTER),
+                        (SALVAGE_CHECKPOINTS, RESTORE_CHECKPOINT),
+                    ):
+                        cursor = old.execute(select)
+                        while rows := cursor.fetchmany(1024):
+                            conn.executemany(insert, rows)
+                            if select is SALVAGE_EVENTS:
+                                copied += len(rows)
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if old.in_transaction:
+                        old.execute("COMMIT")
+        except sqlite3.Error:
+            try:
+                lost: int | None = int(old.execute(SELECT_DEPTH).fetchone()[0])
+            except sqlite3.Error:
+                lost = None
+            return 0, lost
+        return copied, 0
 
     def _recover_replaced(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
         """Our connection's file is gone from the path: abandon it, report, reopen the path."""
@@ -602,10 +894,10 @@ class QueueStorage:
         self._open()
 
     def _release(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
-        """Close ``conn``, or abandon it if its file is no longer at the path."""
-        if file_id is not None and file_identity(self._path_str) == file_id:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+        """Close ``conn``, or abandon it if its file (or its -wal, -shm) left the path."""
+        current, moved = self._look()
+        if file_id is not None and current == file_id and moved is None:
+            _disconnect(conn, file_id)
         else:
             abandon(conn)
 
@@ -623,33 +915,46 @@ class QueueStorage:
         self._writer_id = self._reader_id = None
 
     def _open_writer(self) -> sqlite3.Connection:
-        conn = self._open_connection()
+        conn, file_id = self._open_connection()
         try:
             if not self.writer_checkpoints:
                 # The flusher checkpoints instead (on the track() path an automatic
                 # checkpoint is a multi-millisecond stall), but see WRITER_AUTOCHECKPOINT.
                 conn.execute(WRITER_AUTOCHECKPOINT)
         except sqlite3.DatabaseError as exc:
-            conn.close()
+            _disconnect(conn, file_id)
             raise translate(exc, self.path) from exc
-        self._writer = conn
+        self._writer, self._writer_id = conn, file_id
         return conn
 
     @contextlib.contextmanager
     def _flushing(self) -> Iterator[sqlite3.Connection]:
         """The flusher's connection: reads batches and acknowledges them."""
         self._check_fork()
+        if self.create and self._look()[1] is not None:
+            # Our own file lost its -wal or -shm: the writers' path moves to a fresh file
+            # (taking the writers' lock first, the order of every caller of both).
+            with self._lock:
+                self._writer_connection()
         with self._flush_lock:
             if not self._ready:
                 self._ensure_ready()
             conn = self._reader
-            if conn is not None and file_identity(self._path_str) != self._reader_id:
-                self._reader = None
-                self._recover_replaced(conn, self._reader_id)
-                conn = None
+            if conn is not None:
+                current, moved = self._look()
+                if current != self._reader_id:
+                    self._reader = None
+                    self._recover_replaced(conn, self._reader_id)
+                    conn = None
+                elif moved is not None:
+                    # Never closed: see `_recover_companions`. Reopening is refused until
+                    # the owner has moved the file aside (`_connect`).
+                    self._reader = None
+                    abandon(conn)
+                    conn = None
             if conn is None:
-                conn = self._reader = self._open_connection()
-                self._reader_id = file_identity(self._path_str)
+                conn, self._reader_id = self._open_connection()
+                self._reader = conn
             with _stamped(self._reader_id):
                 yield conn
 
@@ -670,21 +975,27 @@ class QueueStorage:
             slot.busy = True
             try:
                 conn = self._slot_connection(slot)
-                try:
-                    return conn.execute(sql, params).fetchone()
-                except sqlite3.DatabaseError as exc:
-                    raise translate(exc, self.path) from exc
+                with _stamped(slot.file_id):
+                    try:
+                        return conn.execute(sql, params).fetchone()
+                    except sqlite3.DatabaseError as exc:
+                        raise translate(exc, self.path) from exc
             finally:
                 slot.busy = False
 
     def _slot_connection(self, slot: _ReadSlot) -> sqlite3.Connection:
         """``slot``'s connection (the caller holds its lock), on the file at the path."""
-        current = file_identity(self._path_str)
-        if slot.conn is not None and current == slot.file_id:
+        current, moved = self._look()
+        if slot.conn is not None and current == slot.file_id and moved is None:
             return slot.conn
-        if not self._ready or current is None or current not in (self._writer_id, self._reader_id):
+        if (
+            moved is not None
+            or not self._ready
+            or current is None
+            or current not in (self._writer_id, self._reader_id)
+        ):
             # Not a file the writers or the flusher have opened (and checked, recovered or
-            # created): let the writers' path do that first.
+            # created), or its -wal/-shm left: let the writers' path deal with that first.
             if not self._lock.acquire(timeout=self.busy_timeout):
                 raise StorageBusyError(f"{self.path} is busy", path=self._path_str)
             try:
@@ -694,32 +1005,34 @@ class QueueStorage:
         if slot.conn is not None:
             self._release(slot.conn, slot.file_id)
             slot.conn = None
-        conn = self._connect_existing()
-        slot.conn, slot.file_id = conn, file_identity(self._path_str)
-        return conn
+        slot.conn, slot.file_id = self._connect_existing()
+        return slot.conn
 
     def _peek_apart(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """`_peek` on a connection of its own, closed after the read."""
-        conn = self._connect_existing()
+        conn, file_id = self._connect_existing()
         try:
-            return conn.execute(sql, params).fetchone()
+            with _stamped(file_id):
+                return conn.execute(sql, params).fetchone()
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), file_id) from exc
         finally:
-            conn.close()
+            _disconnect(conn, file_id)
 
-    def _connect_existing(self) -> sqlite3.Connection:
+    def _connect_existing(self) -> tuple[sqlite3.Connection, FileId | None]:
+        tried = file_identity(self._path_str)
         try:
             return self._connect(create=False)
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), tried) from exc
 
-    def _open_connection(self) -> sqlite3.Connection:
+    def _open_connection(self) -> tuple[sqlite3.Connection, FileId | None]:
         self._closed = False
+        tried = file_identity(self._path_str)
         try:
             return self._connect(create=self.create)
         except sqlite3.DatabaseError as exc:
-            raise translate(exc, self.path) from exc
+            raise _stamp(translate(exc, self.path), tried) from exc
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -749,6 +1062,13 @@ class QueueStorage:
         finally:
             for lock in reversed(taken):
                 lock.release()
+
+
+def _stamp(error: StorageError, file_id: FileId | None) -> StorageError:
+    """Name the file a `QueueCorruptError` is about (see `quarantine`); returns ``error``."""
+    if isinstance(error, QueueCorruptError) and error.file_id is None:
+        error.file_id = file_id
+    return error
 
 
 @contextlib.contextmanager
