@@ -24,7 +24,7 @@ import pytest
 from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import DurableAnalyticsError, QueueCorruptError
-from durable_analytics.paths import lock_path_of, queue_files
+from durable_analytics.queue.paths import lock_path_of, queue_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = 86400.0
