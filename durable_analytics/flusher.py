@@ -50,6 +50,7 @@ from .errors import (
     StorageError,
     TransportError,
 )
+from .forking import at_fork
 from .queue import Marks, QueuedEvent, QueueDirectory, decode_payload
 from .queue.paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
 from .retry import Action, Decision, backoff_delay, classify, parse_retry_after
@@ -124,7 +125,7 @@ def _forget_locks_in_child() -> None:
     _LOCKS_GUARD = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_locks_in_child)
+at_fork("flusher", after_in_child=_forget_locks_in_child)
 
 
 class Flusher:

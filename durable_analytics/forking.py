@@ -27,6 +27,10 @@ import traceback
 from collections.abc import Callable
 from typing import Final, Literal
 
+# Imported first so its own fork hooks are registered before ours: in a child, filelock must
+# have reset its locks before any of our hooks could take one.
+import filelock  # noqa: F401
+
 __all__ = ["PHASES", "at_fork"]
 
 Phase = Literal["events", "storage", "flusher", "signals", "clients"]

@@ -23,7 +23,7 @@ Once set up, in the process that sends a task and in the worker that runs it:
   task sends (subtasks, retries, chains, callbacks) are published while its context is bound,
   so they carry it on.
 - **Prefork**: nothing to do at ``worker_process_init``. The client is fork-safe by itself
-  (``os.register_at_fork`` in `durable_analytics.client`): a pool process forked by Celery
+  (`durable_analytics.forking`): a pool process forked by Celery
   never touches its parent's SQLite connection, HTTP session or flusher thread, and starts its
   own on its first ``track()``. That hook runs at every fork, including the replacements
   Celery forks under ``worker_max_tasks_per_child``, before any Celery signal could.

@@ -100,8 +100,10 @@ class QueueDirectory:
         self._files: dict[str, SQLiteQueue] = {}
         self._turn = 0
         self._next_scan = 0.0
-        # True once close() removed our (empty) file: a later write makes a new one.
+        # True once close() retired our file, or after fork(): a later write makes a new one.
         self._retired = False
+        # True in a forked child until it made its own file.
+        self._forked = False
         self._own_name = ""
         # The files already there first: one of another app, or unsafe, is refused before
         # this process writes anything.
@@ -131,7 +133,7 @@ class QueueDirectory:
             with self._guard:
                 if self._retired:
                     self._own = self._open_own()
-                    self._retired = False
+                    self._retired = self._forked = False
         return self._own
 
     @property
@@ -151,7 +153,7 @@ class QueueDirectory:
         """This process's own queue file (after `close`, the one it wrote until then)."""
         if self._pid != os.getpid():
             self.after_fork()
-        return self._own.path
+        return self.own.path if self._forked else self._own.path
 
     @property
     def unavailable(self) -> StorageUnavailableError | None:
@@ -162,8 +164,10 @@ class QueueDirectory:
         """In a forked child: the parent's file is the parent's; write to a new one.
 
         The parent's connections were closed or abandoned by the storage's own fork hooks;
-        here the child forgets every file and opens its own. Creating it may fail (disk full):
-        then the queue stays closed and retries, as at construction.
+        here the child only forgets every file. Its own file is made at its first use, not in
+        the fork hook: a hook that did I/O there would run before other libraries' own fork
+        hooks (filelock resets its locks in one) and could wait forever on a lock the parent
+        held.
         """
         if self._pid == os.getpid():
             return
@@ -172,8 +176,8 @@ class QueueDirectory:
         self._files = {}
         self._turn = 0
         self._next_scan = 0.0
-        self._retired = False
-        self._own = self._open_own()
+        self._own_name = ""
+        self._retired = self._forked = True
 
     # --- the writer's side: this process's own file -------------------------------------
 

@@ -43,7 +43,37 @@ from ..errors import (
 from ..events import EncodedEvent, format_timestamp
 from .paths import file_size, wal_size
 from .recovery import FileId, translate
-from .storage import SELECT_DEPTH, QueueStorage
+from .sql import (
+    ADD_ATTEMPT,
+    BEGIN,
+    CHECKPOINT_PASSIVE,
+    CHECKPOINT_RESTART,
+    CHECKPOINT_TRUNCATE,
+    COUNT_DEAD_LETTERS,
+    DELETE_DEAD_LETTERS,
+    DELETE_IDS,
+    DELETE_RANGE,
+    FREELIST_COUNT,
+    INCREMENTAL_VACUUM,
+    INSERT_DEAD_LETTER_ONCE,
+    INSERT_EVENT,
+    MERGE_CHECKPOINT,
+    MOVE_TO_DEAD_LETTER,
+    REPLAY_DEAD_LETTERS,
+    SELECT_ALL_CHECKPOINTS,
+    SELECT_ALL_DEAD_LETTERS,
+    SELECT_BATCH,
+    SELECT_BATCH_BYTES,
+    SELECT_CHECKPOINT,
+    SELECT_DEPTH,
+    SELECT_HEAD,
+    SELECT_KEPT,
+    SELECT_LAST_ID,
+    SET_BUSY_TIMEOUT,
+    TRIM_OLDEST,
+    UPSERT_CHECKPOINT,
+)
+from .storage import QueueStorage
 
 __all__ = ["DeadLetter", "QueuedEvent", "SQLiteQueue"]
 
@@ -51,91 +81,13 @@ logger = logging.getLogger("durable_analytics")
 
 # --- SQL: what the queue runs once a connection is open (storage.py has the rest) ---------
 
-INSERT_EVENT: Final = (
-    "INSERT INTO events (message_id, type, event, distinct_id, created_at, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
-# The cap: max_size counts the events pending in this process's own file, oldest trimmed first.
-TRIM_OLDEST: Final = "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)"
-UPSERT_CHECKPOINT: Final = (
-    "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
-)
-SELECT_CHECKPOINT: Final = "SELECT value, updated_at FROM checkpoints WHERE name = ?"
-# A drained file of a dead process hands its dead letters and checkpoints to a live file
-# (directory.py). Idempotent, so a crash between the copy and the unlink copies nothing twice.
-SELECT_ALL_DEAD_LETTERS: Final = (
-    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
-    "status_code, failed_at, response FROM dead_letter ORDER BY id"
-)
-INSERT_DEAD_LETTER_ONCE: Final = (
-    "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
-    "payload, reason, status_code, failed_at, response) "
-    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS "
-    "(SELECT 1 FROM dead_letter WHERE message_id = ?1 AND failed_at = ?10)"
-)
-SELECT_ALL_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints"
-MERGE_CHECKPOINT: Final = (
-    "INSERT INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at "
-    "WHERE excluded.updated_at > checkpoints.updated_at"
-)
-# Anything left that someone may want: pending events, dead letters, checkpoints.
-SELECT_KEPT: Final = (
-    "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM dead_letter) "
-    "OR EXISTS (SELECT 1 FROM checkpoints)"
-)
-CHECKPOINT_PASSIVE: Final = "PRAGMA wal_checkpoint(PASSIVE)"
-SELECT_LAST_ID: Final = (
-    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
-)
-SELECT_HEAD: Final = "SELECT id, created_at FROM events ORDER BY id LIMIT 1"
-# The byte length (payloads keep non-ASCII text as is, so characters would undercount).
-SELECT_BATCH: Final = (
-    "SELECT id, message_id, attempts, payload, length(CAST(payload AS BLOB)) "
-    "FROM events ORDER BY id LIMIT ?"
-)
-# The same rows as bytes, decoded row by row in Python: for when one stored row is not valid
-# UTF-8 and sqlite3 refuses the whole result ("Could not decode to UTF-8").
-SELECT_BATCH_BYTES: Final = (
-    "SELECT id, CAST(message_id AS BLOB), attempts, CAST(payload AS BLOB), "
-    "length(CAST(payload AS BLOB)) FROM events ORDER BY id LIMIT ?"
-)
 # Room for the request's own fields around the events ({"events":[...],"batch_id":...}).
 _ENVELOPE_BYTES: Final = 128
-# One prepared statement whatever the number of ids: the ids travel as a JSON array.
-DELETE_IDS: Final = "DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))"
-DELETE_RANGE: Final = "DELETE FROM events WHERE id BETWEEN ? AND ?"
-ADD_ATTEMPT: Final = (
-    "UPDATE events SET attempts = attempts + 1 WHERE id IN (SELECT value FROM json_each(?))"
-)
-MOVE_TO_DEAD_LETTER: Final = (
-    "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
-    "payload, reason, status_code, failed_at, response) "
-    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, ?, ?, ?, ? "
-    "FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
-)
-COUNT_DEAD_LETTERS: Final = "SELECT count(*) FROM dead_letter"
-REPLAY_DEAD_LETTERS: Final = (
-    "INSERT INTO events (message_id, type, event, distinct_id, created_at, attempts, payload) "
-    "SELECT message_id, type, event, distinct_id, created_at, 0, payload FROM dead_letter "
-    "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
-)
-DELETE_DEAD_LETTERS: Final = "DELETE FROM dead_letter WHERE id IN (SELECT value FROM json_each(?))"
-FREELIST_COUNT: Final = "PRAGMA freelist_count"
-# Run with executescript, which steps the pragma to the end: execute() frees one page only.
-INCREMENTAL_VACUUM: Final = "PRAGMA incremental_vacuum({pages});"
-CHECKPOINT_RESTART: Final = "PRAGMA wal_checkpoint(RESTART)"
-CHECKPOINT_TRUNCATE: Final = "PRAGMA wal_checkpoint(TRUNCATE)"
-SET_BUSY_TIMEOUT: Final = "PRAGMA busy_timeout = {ms}"
 # Free pages released per write transaction: each chunk holds the write lock a few ms.
 _VACUUM_CHUNK: Final = 1024
 # How long a blocking checkpoint waits for other connections before giving up for now.
 _CHECKPOINT_BUSY_MS: Final = 100
 
-# Statements that write run under BEGIN IMMEDIATE: taking the write lock up front means no
-# later statement in the transaction can fail with SQLITE_BUSY on a read->write upgrade.
-BEGIN: Final = "BEGIN IMMEDIATE"
 
 # How often a caller whose event a leader took checks whether its commit ended (contention
 # only: the usual append never polls).

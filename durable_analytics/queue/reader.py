@@ -34,7 +34,7 @@ import filelock
 
 from ..errors import QueueMismatchError, StorageUnavailableError, UnsafePathError
 from . import migrations
-from .file import COUNT_DEAD_LETTERS, SELECT_HEAD, SELECT_LAST_ID, DeadLetter
+from .file import DeadLetter
 from .migrations import SCHEMA_VERSION
 from .paths import (
     FLUSH_LOCK_NAME,
@@ -48,7 +48,27 @@ from .paths import (
     queue_files,
 )
 from .recovery import translate
-from .storage import SELECT_DEPTH
+from .sql import (
+    COUNT_DEAD_LETTERS,
+    COUNT_DEAD_LETTERS_MATCHING,
+    COUNT_EVENTS_MATCHING,
+    COUNT_PENDING_THROUGH,
+    COUNT_SCHEMA_OBJECTS,
+    INSPECT_PRAGMAS,
+    SELECT_ALL_META,
+    SELECT_CHECKPOINTS,
+    SELECT_COLUMNS,
+    SELECT_DEAD_LETTERS_BY_REASON,
+    SELECT_DEAD_LETTERS_PAGE,
+    SELECT_DEPTH,
+    SELECT_EVENTS_PAGE,
+    SELECT_HEAD,
+    SELECT_LAST_DEAD_LETTER_ID,
+    SELECT_LAST_ID,
+    SELECT_PENDING_BY_EVENT,
+    SELECT_QUEUE_TABLES,
+    SELECT_USER_VERSION,
+)
 
 __all__ = [
     "EventFilter",
@@ -63,64 +83,7 @@ __all__ = [
     "queue_exists",
 ]
 
-INSPECT_PRAGMAS: Final = (
-    "PRAGMA trusted_schema = OFF",
-    "PRAGMA cell_size_check = ON",
-    "PRAGMA mmap_size = 0",
-    "PRAGMA query_only = ON",
-)
-SELECT_USER_VERSION: Final = "PRAGMA user_version"
-SELECT_COLUMNS: Final = "SELECT cid, name FROM pragma_table_info(?) ORDER BY cid"
-SELECT_QUEUE_TABLES: Final = (
-    "SELECT name FROM sqlite_master WHERE type = 'table' "
-    "AND name IN ('events', 'dead_letter', 'queue_meta', 'queue_counts')"
-)
 _QUEUE_TABLES: Final = frozenset({"events", "dead_letter", "queue_meta", "queue_counts"})
-COUNT_SCHEMA_OBJECTS: Final = "SELECT count(*) FROM sqlite_master"
-SELECT_ALL_META: Final = "SELECT key, value FROM queue_meta ORDER BY key"
-SELECT_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints ORDER BY name"
-# Filters travel as JSON arrays (or NULL for "any"), so one prepared statement serves every
-# combination of them. created_at is ISO-8601 UTC text of one fixed width, so text comparison
-# is time comparison.
-_EVENT_FILTERS: Final = (
-    " AND (:events IS NULL OR event IN (SELECT value FROM json_each(:events)))"
-    " AND (:types IS NULL OR type IN (SELECT value FROM json_each(:types)))"
-    " AND (:distinct_ids IS NULL OR distinct_id IN (SELECT value FROM json_each(:distinct_ids)))"
-    " AND (:message_ids IS NULL OR message_id IN (SELECT value FROM json_each(:message_ids)))"
-    " AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))"
-    " AND (:since IS NULL OR created_at >= :since)"
-    " AND (:until IS NULL OR created_at < :until)"
-)
-_DEAD_LETTER_FILTERS: Final = (
-    _EVENT_FILTERS + " AND (:reasons IS NULL OR reason IN (SELECT value FROM json_each(:reasons)))"
-)
-# The payload as bytes: Python's sqlite3 fails the whole fetch on a TEXT value that is not
-# valid UTF-8, so each row's payload is decoded (and checked) on its own, in `check_payload`.
-SELECT_EVENTS_PAGE: Final = (
-    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, "
-    "CAST(payload AS BLOB) "
-    "FROM events WHERE id > :after" + _EVENT_FILTERS + " ORDER BY id LIMIT :limit"
-)
-COUNT_EVENTS_MATCHING: Final = "SELECT count(*) FROM events WHERE id > 0" + _EVENT_FILTERS
-SELECT_DEAD_LETTERS_PAGE: Final = (
-    "SELECT id, message_id, type, event, distinct_id, created_at, attempts, "
-    "CAST(payload AS BLOB), reason, status_code, failed_at, {response} "
-    "FROM dead_letter WHERE id > :after" + _DEAD_LETTER_FILTERS + " ORDER BY id LIMIT :limit"
-)
-COUNT_DEAD_LETTERS_MATCHING: Final = (
-    "SELECT count(*) FROM dead_letter WHERE id > 0" + _DEAD_LETTER_FILTERS
-)
-COUNT_PENDING_THROUGH: Final = "SELECT count(*) FROM events WHERE id <= ?"
-SELECT_PENDING_BY_EVENT: Final = (
-    "SELECT event, count(*) AS n FROM events GROUP BY event ORDER BY n DESC, event LIMIT ?"
-)
-SELECT_DEAD_LETTERS_BY_REASON: Final = (
-    "SELECT reason, count(*) AS n FROM dead_letter WHERE id > ? "
-    "GROUP BY reason ORDER BY n DESC, reason"
-)
-SELECT_LAST_DEAD_LETTER_ID: Final = (
-    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'dead_letter'), 0)"
-)
 
 
 @dataclass(frozen=True, slots=True)

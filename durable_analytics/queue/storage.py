@@ -43,7 +43,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import filelock
@@ -56,6 +56,7 @@ from ..errors import (
     StorageUnavailableError,
 )
 from ..events import format_timestamp
+from ..forking import at_fork
 from . import migrations
 from .paths import (
     DB_NAME,
@@ -81,69 +82,29 @@ from .recovery import (
     replaced_error,
     translate,
 )
+from .sql import (
+    INSERT_META,
+    PAGE_COUNT,
+    PRAGMAS,
+    PROBE_FIRST,
+    PROBE_LAST,
+    RESTORE_CHECKPOINT,
+    RESTORE_DEAD_LETTER,
+    RESTORE_EVENT,
+    SALVAGE_CHECKPOINTS,
+    SALVAGE_DEAD_LETTERS,
+    SALVAGE_EVENTS,
+    SELECT_DEPTH,
+    SELECT_META,
+    SET_AUTO_VACUUM,
+    SYNCHRONOUS,
+    WRITER_AUTOCHECKPOINT,
+)
 
 __all__ = ["QueueStorage"]
 
 # --- SQL: what runs when a connection opens ----------------------------------------------------
 
-# auto_vacuum takes effect only on a new, empty file, and only before journal_mode=WAL writes
-# the header. On an existing file, setting it is a write transaction: it would contend with
-# writers and fail on a full disk, so _connect runs it only when the file has no pages yet.
-PAGE_COUNT: Final = "PRAGMA page_count"
-SET_AUTO_VACUUM: Final = "PRAGMA auto_vacuum = INCREMENTAL"
-PRAGMAS: Final = (
-    "PRAGMA journal_mode = WAL",
-    # Untrusted-file hardening (sqlite.org/security.html): the file sits in a shared tmpdir.
-    "PRAGMA trusted_schema = OFF",
-    "PRAGMA cell_size_check = ON",
-    "PRAGMA mmap_size = 0",
-    # Keep the WAL from staying large after a burst; sent rows are zeroed, not left behind.
-    "PRAGMA journal_size_limit = 8388608",
-    "PRAGMA secure_delete = FAST",
-)
-SYNCHRONOUS: Final = {
-    "process": "PRAGMA synchronous = NORMAL",
-    "power": "PRAGMA synchronous = FULL",
-}
-SELECT_META: Final = "SELECT value FROM queue_meta WHERE key = ?"
-INSERT_META: Final = "INSERT OR IGNORE INTO queue_meta (key, value) VALUES (?, ?)"
-# Open-time probes: both ends of the events b-tree, O(log N) each, no table scan.
-PROBE_FIRST: Final = "SELECT id FROM events ORDER BY id LIMIT 1"
-PROBE_LAST: Final = "SELECT id FROM events ORDER BY id DESC LIMIT 1"
-# Writers leave checkpoints to the flusher (a checkpoint on the track() path is a stall of
-# milliseconds), but not entirely: a flusher stuck in a slow POST can't checkpoint, and
-# writers at full speed would grow the WAL by tens of MB a second. So writers still
-# checkpoint once the WAL passes 2048 pages (8 MiB, the journal_size_limit), which the
-# flusher's own checkpoint at 4 MiB normally prevents: the WAL stays bounded (S10).
-WRITER_AUTOCHECKPOINT: Final = "PRAGMA wal_autocheckpoint = 2048"
-# How many events are pending, O(1): rows ever inserted minus rows ever removed. Also what a
-# replaced file is reported to have lost.
-SELECT_DEPTH: Final = (
-    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
-    " - (SELECT removed FROM queue_counts WHERE id = 1)"
-)
-
-# What a queue that lost its -wal or -shm copies to its fresh file (`_recover_companions`).
-SALVAGE_EVENTS: Final = (
-    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload "
-    "FROM events ORDER BY id"
-)
-RESTORE_EVENT: Final = (
-    "INSERT INTO events (message_id, type, event, distinct_id, created_at, attempts, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-SALVAGE_DEAD_LETTERS: Final = (
-    "SELECT message_id, type, event, distinct_id, created_at, attempts, payload, reason, "
-    "status_code, failed_at, response FROM dead_letter ORDER BY id"
-)
-RESTORE_DEAD_LETTER: Final = (
-    "INSERT INTO dead_letter (message_id, type, event, distinct_id, created_at, attempts, "
-    "payload, reason, status_code, failed_at, response) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-SALVAGE_CHECKPOINTS: Final = "SELECT name, value, updated_at FROM checkpoints"
-RESTORE_CHECKPOINT: Final = (
-    "INSERT OR REPLACE INTO checkpoints (name, value, updated_at) VALUES (?, ?, ?)"
-)
 
 # --- this process's state, shared by its queues ------------------------------------------------
 
@@ -174,9 +135,6 @@ def _forget_write_locks_in_child() -> None:
     # Locks held by parent threads at fork time would never be released here.
     _WRITE_LOCKS.clear()
     _WRITE_LOCKS_GUARD = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_write_locks_in_child)
 
 
 # The -wal and -shm a database's connections in this process use. SQLite maps one WAL index
@@ -287,6 +245,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _INIT_GUARD, _REGISTRY_GUARD
     # The parent's locks stay taken in this copy of memory; every queue gets fresh ones.
+    _forget_write_locks_in_child()
     _HELD_FOR_FORK.clear()
     _INIT_GUARD = threading.Lock()
     _REGISTRY_GUARD = threading.Lock()
@@ -295,7 +254,8 @@ def _after_fork_in_child() -> None:
         queue.after_fork()
 
 
-os.register_at_fork(
+at_fork(
+    "storage",
     before=_before_fork,
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
