@@ -42,10 +42,20 @@ def rows(
     """
     found: list[tuple[Any, ...]] = []
     for db in queue_files(queue_dir):
-        conn = _connect_ro(db)
+        try:
+            conn = _connect_ro(db)
+        except sqlite3.OperationalError:
+            if db.exists():
+                raise
+            continue  # removed since the listing: drained
         try:
             if table is None or _has_table(conn, table):
                 found.extend(tuple(row) for row in conn.execute(sql, tuple(params)).fetchall())
+        except sqlite3.OperationalError:
+            # A flusher removes a drained file (database first, then -wal and -shm) while we
+            # read it: "disk I/O error". Nothing was pending in it.
+            if db.exists():
+                raise
         finally:
             conn.close()
     return found
