@@ -113,9 +113,14 @@ _REOPEN_EVERY = 1.0
 # How many times, how far apart, `_index_left_behind` looks before it believes what it sees.
 _PROBES = 6
 _PROBE_PAUSE = 0.001
-# A directory changed less than this long ago may change again within the same timestamp tick
+# A directory changed less than one timestamp tick ago may change again within the same tick
 # (file times come from a coarse clock), so its times don't prove nothing changed (`_look`).
-_SETTLED_NS = 1_000_000_000
+# Linux's local filesystems stamp with the kernel's tick (at most 10 ms); a stamp with no
+# sub-second part is taken for a filesystem that keeps whole seconds (ext4 with small inodes,
+# vfat: up to 2 s). Waiting a whole second every time made every track() of the first second
+# after any file came or went (a worker starting) do the full look: +10 us a call (figure 1).
+_SETTLED_NS = 50_000_000
+_SETTLED_COARSE_NS = 2_000_000_000
 #: How often the owner refreshes the times of its files (`keep_fresh`): age-based cleaners
 #: (systemd-tmpfiles: 10 days in /tmp) delete files whose atime, mtime and ctime are all old,
 #: and a mapped -shm's times never move by themselves.
@@ -723,7 +728,7 @@ class QueueStorage:
                 return seen[1], seen[2]
         db = file_identity(self._path_str)
         moved = _companions_moved(db, self._path_str)
-        if stamp is not None and time.time_ns() - max(stamp[1], stamp[2]) > _SETTLED_NS:
+        if stamp is not None and time.time_ns() - max(stamp[1], stamp[2]) > _settled(stamp):
             self._seen = (stamp, db, moved)
         else:
             self._seen = None
@@ -1022,6 +1027,12 @@ class QueueStorage:
         finally:
             for lock in reversed(taken):
                 lock.release()
+
+
+def _settled(stamp: tuple[int, int, int]) -> int:
+    """How old a directory's times must be before they prove nothing changed (`_SETTLED_NS`)."""
+    whole_seconds = stamp[1] % 1_000_000_000 == 0 and stamp[2] % 1_000_000_000 == 0
+    return _SETTLED_COARSE_NS if whole_seconds else _SETTLED_NS
 
 
 def _stamp(error: StorageError, file_id: FileId | None) -> StorageError:
