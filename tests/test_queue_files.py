@@ -266,3 +266,28 @@ def test_a_forked_child_writes_a_file_of_its_own_and_leaves_the_parents_lock_hel
     assert pending_ids(child) == ["c0"]
     parent = Path(out["parent"])
     assert pending_ids(parent) == ["p0", "p1"]
+
+
+def test_a_lock_file_left_by_a_writer_that_died_before_its_database_is_removed(
+    queue_dir: Path, collector: Collector
+) -> None:
+    """A writer killed between creating its lock file and its database leaves a lock file
+    alone: the flusher removes it once nobody holds it and it is a minute old; a fresh one
+    (a writer starting right now) is left alone."""
+    queue_dir.mkdir(mode=0o700)
+    orphan = queue_dir / "events-999999-0123456789abcdef.lock"
+    fresh = queue_dir / "events-999998-0123456789abcdef.lock"
+    for path in (orphan, fresh):
+        path.touch(mode=0o600)
+    old = time.time() - 120
+    os.utime(orphan, (old, old))
+    client = Analytics(
+        app_id="files", persistence_dir=queue_dir, base_url=collector.url, handle_signals=False
+    )
+    try:
+        client.track("u", "e")
+        assert client.flush(timeout=30)
+        assert wait_for(lambda: not orphan.exists())
+        assert fresh.exists()
+    finally:
+        client.shutdown()

@@ -459,3 +459,30 @@ def test_a_reader_threads_late_report_of_the_damage_leaves_the_fresh_file_alone(
     with contextlib.closing(sqlite3.connect(client.queue_path)) as conn:
         kept = {m for (m,) in conn.execute("SELECT message_id FROM events")}
     assert set(after) <= kept
+
+
+def test_a_queue_dropped_without_close_leaves_no_count_behind(queue_dir: Path) -> None:
+    """A file's queue forgotten without close() (another thread was using it) has its
+    connections closed by the garbage collector: the per-inode count must go with them. Left
+    behind, the inode, once freed and given to a new queue file, looked open on another file's
+    -wal and -shm, and that file's writes were refused as "deleted or replaced" (seen 1 in 6
+    runs of tests/test_delivery.py)."""
+    import gc
+    import json
+
+    from durable_analytics.events import EncodedEvent
+    from durable_analytics.queue import SQLiteQueue, storage
+    from durable_analytics.queue.recovery import file_identity
+
+    queue = SQLiteQueue(queue_dir, "app", name="events-1-0123456789abcdef.db")
+    payload = json.dumps({"event": "e", "event_id": "m0"})
+    queue.append(EncodedEvent("m0", "track", "e", "u", "2026-01-01T00:00:00.000Z", payload))
+    assert queue.depth() == 1  # the writer's and a reader's connection are open
+    inode = file_identity(str(queue.path))
+    assert inode is not None and storage._CONNECTIONS.get(inode)
+    del queue
+    gc.collect()
+    with storage._REGISTRY_GUARD:
+        storage._settle()
+    assert not storage._CONNECTIONS.get(inode)
+    assert inode not in storage._COMPANIONS

@@ -36,12 +36,13 @@ from typing import Any, Literal
 
 import filelock
 
-from ..errors import QueueCorruptError, StorageError, StorageUnavailableError
+from ..errors import QueueCorruptError, StorageError, StorageUnavailableError, UnsafePathError
 from ..events import EncodedEvent
 from .file import QueuedEvent, SQLiteQueue
 from .paths import (
     DB_NAME,
     FLUSH_LOCK_NAME,
+    LOCK_SUFFIX,
     create_private_file,
     flush_lock,
     lock_path_of,
@@ -56,6 +57,8 @@ __all__ = ["Marks", "QueueDirectory"]
 # How old the flusher's listing of the directory may be (a new writer's first batch waits
 # at most this long; a listing per batch cost a quarter of a drain's time with 8 files).
 _RESCAN_EVERY = 0.5
+# How old an unlocked writer's lock file without its database must be to be removed.
+_ORPHAN_LOCK_AGE = 60.0
 # How often `checkpoint_value` reads again when files vanish under it.
 _CHECKPOINT_PASSES = 3
 
@@ -282,6 +285,10 @@ class QueueDirectory:
             )
         except (StorageUnavailableError, FileNotFoundError):
             return  # removed between the listing and the open, or not openable now
+        except UnsafePathError:
+            if os.path.lexists(self.directory / name):
+                raise
+            return  # removed between the listing and the open (its owner's clean close)
         except QueueCorruptError as exc:
             if not self._self_heal:
                 raise
@@ -492,7 +499,11 @@ class QueueDirectory:
         """Remove every empty file whose owner is dead; returns how many (flusher only).
 
         The caller holds the flush lock, so no other process's flusher reads these files.
+        Not once our own file is retired (`close`, or a forked child before its first event):
+        their dead letters and checkpoints need a live file to move into.
         """
+        if self._retired:
+            return 0
         removed = 0
         for queue in self._scanned():
             if queue is self._own or queue.path.name == DB_NAME or self._gone(queue):
@@ -503,14 +514,32 @@ class QueueDirectory:
                 try:
                     if queue.depth(for_flusher=True) > 0:
                         continue
-                    self._own.absorb(queue)
+                    self.own.absorb(queue)
                 except StorageError:
                     continue  # tried again after the next drain
                 with self._guard:
                     self._forget(queue)
                 _unlink_files(queue.path)
                 removed += 1
+        self._remove_orphan_locks()
         return removed
+
+    def _remove_orphan_locks(self) -> None:
+        """Remove the lock files of writers that died before they created their database."""
+        try:
+            names = set(os.listdir(self.directory))
+        except OSError:
+            return
+        for name in names:
+            db = (self.directory / name).with_suffix(".db")
+            if not name.endswith(LOCK_SUFFIX) or db.name in names or owner_pid(db) is None:
+                continue
+            with contextlib.suppress(OSError), _owner_gone(db) as gone:
+                # A writer creates its lock file a moment before it locks it: only a lock file
+                # that nobody locked for a minute is an orphan.
+                old = time.time() - os.stat(lock_path_of(db)).st_mtime > _ORPHAN_LOCK_AGE
+                if gone and old and not db.exists():
+                    os.unlink(lock_path_of(db))
 
     def close(self, *, timeout: float | None = None) -> bool:
         """Close every file and retire our own: a later write starts a new one.

@@ -163,30 +163,63 @@ def _companions_at(path: str) -> Companions:
     return (file_identity(path + "-wal"), file_identity(path + "-shm"))
 
 
-def _connected(db: FileId, path: str) -> None:
+class _Connection(sqlite3.Connection):
+    """A connection the registry can follow to its end (`weakref.finalize`): one dropped
+    without `_disconnect` (a queue forgotten while another thread used it) is closed by the
+    garbage collector, and its count must go with it, or the inode, once freed and given to
+    a new file, would look opened on another file's -wal and -shm (seen: writes refused)."""
+
+
+# Per connection (by id) the finalizer that uncounts it if the garbage collector closes it;
+# the finalizer only queues the inode (it may run inside any allocation, even one made while
+# this thread holds `_REGISTRY_GUARD`), and `_settle` uncounts under the lock.
+_FINALIZERS: dict[int, weakref.finalize[Any, Any]] = {}
+_DROPPED: collections.deque[FileId] = collections.deque()
+
+
+def _settle() -> None:
+    """Uncount the connections the garbage collector closed (the caller holds the lock)."""
+    while _DROPPED:
+        _uncount(_DROPPED.popleft())
+    for key in [key for key, fin in _FINALIZERS.items() if not fin.alive]:
+        del _FINALIZERS[key]
+
+
+def _uncount(db: FileId) -> None:
+    left = _CONNECTIONS[db] - 1
+    if left > 0:
+        _CONNECTIONS[db] = left
+    else:
+        _CONNECTIONS.pop(db, None)
+        _COMPANIONS.pop(db, None)
+
+
+def _connected(conn: sqlite3.Connection, db: FileId, path: str) -> None:
+    fin = weakref.finalize(conn, _DROPPED.append, db)
     with _REGISTRY_GUARD:
+        _settle()
         if not _CONNECTIONS[db]:
             _COMPANIONS[db] = _companions_at(path)
         _CONNECTIONS[db] += 1
+        _FINALIZERS[id(conn)] = fin
 
 
 def _disconnect(conn: sqlite3.Connection, db: FileId | None) -> None:
     """Close ``conn`` (its file is still at the path, with its -wal and -shm)."""
     with contextlib.suppress(sqlite3.Error):
         conn.close()
-    if db is None:
-        return
     with _REGISTRY_GUARD:
-        left = _CONNECTIONS[db] - 1
-        if left > 0:
-            _CONNECTIONS[db] = left
-        else:
-            del _CONNECTIONS[db]
-            _COMPANIONS.pop(db, None)
+        fin = _FINALIZERS.pop(id(conn), None)
+        if fin is not None and fin.detach() is not None and db is not None:
+            _uncount(db)
+        _settle()
 
 
 def _companions_moved(db: FileId | None, path: str) -> str | None:
     """Which of -wal/-shm the path no longer names for our connections to ``db`` (or None)."""
+    if _DROPPED:
+        with _REGISTRY_GUARD:
+            _settle()
     if db is None or not _CONNECTIONS.get(db):
         return None
     expected = _COMPANIONS.get(db)
@@ -254,6 +287,7 @@ def _after_fork_in_child() -> None:
     _HELD_FOR_FORK.clear()
     _INIT_GUARD = threading.Lock()
     _REGISTRY_GUARD = threading.Lock()
+    _settle()
     _INHERITED.update(db for db, count in _CONNECTIONS.items() if count > 0)
     for queue in list(_OPEN_QUEUES):
         queue.after_fork()
@@ -616,6 +650,7 @@ class QueueStorage:
             isolation_level=None,
             check_same_thread=False,
             uri=not create,
+            factory=_Connection,
         )
         try:
             if conn.execute(PAGE_COUNT).fetchone()[0] == 0:
@@ -628,7 +663,7 @@ class QueueStorage:
             raise
         db = file_identity(self._path_str)  # a new file exists only now
         if db is not None:
-            _connected(db, self._path_str)
+            _connected(conn, db, self._path_str)
         return conn, db
 
     def _index_left_behind(self) -> bool:
