@@ -29,7 +29,7 @@ import click
 import pytest
 import queue_contents
 from click.testing import CliRunner, Result
-from queue_contents import sole_queue_file
+from queue_contents import dead_letters, sole_queue_file
 
 from durable_analytics import Analytics
 from durable_analytics.cli import _common as cli_common
@@ -39,7 +39,7 @@ from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import ConfigurationError
 from durable_analytics.queue import SQLiteQueue
 from durable_analytics.queue.migrations import SCHEMA_VERSION
-from durable_analytics.queue.paths import queue_files, state_dir
+from durable_analytics.queue.paths import flush_lock, queue_files, state_dir
 from durable_analytics.queue.reader import open_reader
 
 APP = "test-app"
@@ -1260,3 +1260,25 @@ def test_replaying_more_dead_letters_than_the_default_cap_keeps_them_all(
     assert json.loads(result.stdout)["replayed"] == count
     with open_reader(queue_dir) as reader:
         assert (reader.depth(), reader.dead_letter_count()) == (count, 0)
+
+
+def test_dead_letters_change_under_the_flush_lock(queue_dir: Path) -> None:
+    """Review finding: a replay into a dead writer's file raced the flusher's clean-up, which
+    saw the file empty and removed it with the replayed events. replay and purge hold the
+    queue's flush lock while they change rows: while another process ships the queue they
+    wait --lock-timeout, then exit 4 having changed nothing; once it is free they work."""
+    fill(queue_dir, 3)
+    dead_letter(queue_dir, 2, "rejected_400", 400)
+    d = str(queue_dir)
+    shipping = flush_lock(queue_dir)
+    shipping.acquire(timeout=5)
+    try:
+        busy = run("--lock-timeout", "0.2", "dead-letters", "replay", "--dir", d, "--all")
+    finally:
+        shipping.release()
+    assert busy.exit_code == 4, busy.output
+    assert "flush.lock" in busy.stderr and "nothing was changed" in busy.stderr
+    assert len(dead_letters(queue_dir, "id")) == 2
+    done = run("dead-letters", "replay", "--dir", d, "--all", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["replayed"] == 2

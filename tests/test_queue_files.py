@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from durable_analytics import Analytics
 from durable_analytics.devtools.collector import Collector
 from durable_analytics.errors import QueueMismatchError
 from durable_analytics.events import EncodedEvent
-from durable_analytics.queue import SQLiteQueue
+from durable_analytics.queue import QueueDirectory, SQLiteQueue
 from durable_analytics.queue.paths import queue_files, writer_file_name
 
 
@@ -291,3 +292,72 @@ def test_a_lock_file_left_by_a_writer_that_died_before_its_database_is_removed(
         assert fresh.exists()
     finally:
         client.shutdown()
+
+
+def test_events_appended_while_the_queue_closes_are_never_lost(tmp_path: Path) -> None:
+    """Review finding: close() decided the file was empty, then an append committed, then the
+    file was removed with it. A thread appends while close() runs (50 times): every append
+    that returned is on disk afterwards, in the closed file or in a new one."""
+
+    def writer(queue: QueueDirectory, prefix: str, go: threading.Event, stored: list[str]) -> None:
+        go.wait()
+        for n in range(40):
+            queue.append(event(n, prefix))
+            stored.append(f"{prefix}{n}")
+
+    for attempt in range(50):
+        queue_dir = tmp_path / f"q{attempt}"
+        queue = QueueDirectory(queue_dir, "files", self_heal=True)
+        stored: list[str] = []
+        go = threading.Event()
+        thread = threading.Thread(target=writer, args=(queue, f"a{attempt}-", go, stored))
+        thread.start()
+        go.set()
+        queue.close()
+        thread.join()
+        on_disk = [m for db in queue_files(queue_dir) for m in pending_ids(db)]
+        assert set(stored) <= set(on_disk), (attempt, sorted(set(stored) - set(on_disk)))
+        queue.close()
+
+
+def test_a_file_of_another_app_that_appears_later_is_reported_not_fatal(
+    queue_dir: Path,
+) -> None:
+    """Review finding: a file of another app (two apps misconfigured onto one directory)
+    appearing after start made every scan raise, so this process stopped shipping its own
+    events and queue_depth() raised into the app. It is reported once and left alone."""
+    queue = QueueDirectory(queue_dir, "files", self_heal=True)
+    try:
+        queue.append(event(0))
+        with opened(queue_dir, "other-app", name=writer_file_name(1, "1" * 16)) as other:
+            other.append(event(1, "x"))
+        assert queue.depth() == 1
+        assert queue.depth() == 1
+        reported = [e for e in queue.incidents if isinstance(e, QueueMismatchError)]
+        assert len(reported) == 1 and "other-app" in str(reported[0])
+        assert [e.message_id for e in queue.read_batch(10, 10**6)] == ["m0"]
+    finally:
+        queue.close()
+
+
+def test_reading_files_that_other_processes_remove_leaks_no_descriptors(
+    queue_dir: Path,
+) -> None:
+    """Review finding: every connection to another process's file that was then removed
+    (its owner's clean close, a flusher's clean-up) was abandoned, never closed: three
+    descriptors per worker lifetime for good. A removed writer file's connections close."""
+    queue = QueueDirectory(queue_dir, "files", self_heal=True)
+    try:
+        queue.depth()
+        before = len(os.listdir("/proc/self/fd"))
+        for n in range(20):
+            with opened(queue_dir, "files", name=writer_file_name(2, f"{n:016x}")) as other:
+                other.append(event(n))
+            assert queue.depth() == 1  # opens the other file
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(queue_dir / (writer_file_name(2, f"{n:016x}") + suffix))
+            assert queue.depth() == 0  # notices it went, forgets it
+        assert len(os.listdir("/proc/self/fd")) - before <= 3
+    finally:
+        queue.close()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
+import filelock
 
 from ..queue import SQLiteQueue
+from ..queue.paths import FLUSH_LOCK_NAME, create_private_file, flush_lock
 from ..queue.reader import EventFilter
 from ._common import (
     _PAGE,
     CLIError,
+    QueueBusy,
     QueueTarget,
     _can_ask,
     _echo_json,
@@ -104,7 +108,10 @@ def _change_dead_letters(
             return total, 0
         confirm(total, reader.directory)
         done = 0
-        with _progress(total, label) as bar:
+        with (
+            _flush_lock_held(reader.directory, settings.lock_timeout),
+            _progress(total, label) as bar,
+        ):
             for file in reader.files:
                 if not file.count(where, dead_letters=True):
                     continue
@@ -132,6 +139,26 @@ def _change_dead_letters(
                 finally:
                     queue.close()
     return total, done
+
+
+@contextlib.contextmanager
+def _flush_lock_held(directory: Path, timeout: float) -> Iterator[None]:
+    """Hold the queue's flush lock while dead letters change: the process that ships the
+    queue removes a dead writer's file once it holds no event, and a replay into that file
+    at the same moment would go with it. Waits at most ``timeout`` for a drain to finish."""
+    create_private_file(directory / FLUSH_LOCK_NAME)
+    lock = flush_lock(directory)
+    try:
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise QueueBusy(
+            f"another process is shipping the queue in {directory} (it holds flush.lock) "
+            f"and did not stop within {timeout:g} s; nothing was changed, try again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_reasons(asked: tuple[str, ...], present: dict[str, int]) -> None:

@@ -36,7 +36,14 @@ from typing import Any, Literal
 
 import filelock
 
-from ..errors import QueueCorruptError, StorageError, StorageUnavailableError, UnsafePathError
+from ..errors import (
+    QueueCorruptError,
+    QueueMismatchError,
+    SchemaTooNewError,
+    StorageError,
+    StorageUnavailableError,
+    UnsafePathError,
+)
 from ..events import EncodedEvent
 from .file import QueuedEvent, SQLiteQueue
 from .paths import (
@@ -51,6 +58,7 @@ from .paths import (
     writer_file_name,
 )
 from .recovery import FileId
+from .storage import QueueRetired
 
 __all__ = ["Marks", "QueueDirectory"]
 
@@ -108,10 +116,14 @@ class QueueDirectory:
         # True in a forked child until it made its own file.
         self._forked = False
         self._own_name = ""
+        # Files refused after construction (another app's, unsafe): not opened again.
+        self._refused: set[str] = set()
+        self._constructed = False
         # The files already there first: one of another app, or unsafe, is refused before
         # this process writes anything.
         self._scan()
         self._own = self._open_own()
+        self._constructed = True
 
     # --- this process's own file --------------------------------------------------------
 
@@ -187,7 +199,11 @@ class QueueDirectory:
     def append(self, event: EncodedEvent, *, deadline: float | None = None) -> int:
         """`SQLiteQueue.append` on this process's own file."""
         own = self._own if self._pid == os.getpid() and not self._retired else self.own
-        return own.append(event, deadline=deadline)
+        try:
+            return own.append(event, deadline=deadline)
+        except QueueRetired:
+            # `close` retired the file this call had picked: the event goes to a new one.
+            return self.own.append(event, deadline=deadline)
 
     def append_many(
         self,
@@ -198,13 +214,21 @@ class QueueDirectory:
         require_room: bool = False,
     ) -> int:
         """`SQLiteQueue.append_many` on this process's own file."""
-        return self.own.append_many(
-            events, checkpoints, deadline=deadline, require_room=require_room
-        )
+        try:
+            return self.own.append_many(
+                events, checkpoints, deadline=deadline, require_room=require_room
+            )
+        except QueueRetired:
+            return self.own.append_many(
+                events, checkpoints, deadline=deadline, require_room=require_room
+            )
 
     def room(self) -> int | None:
         """How many more events this process may queue before its cap (None: no cap)."""
-        return self.own.room()
+        try:
+            return self.own.room()
+        except QueueRetired:
+            return self.own.room()
 
     def keep_fresh(self) -> None:
         """Refresh the times of this process's own files if due (`QueueStorage.keep_fresh`)."""
@@ -269,10 +293,22 @@ class QueueDirectory:
                 if name not in present and name != self._own_name:
                     self._forget(self._files[name])
             for name in present:
-                if name not in self._files:
+                if name not in self._files and name not in self._refused:
                     self._open_other(name)
 
     def _open_other(self, name: str) -> None:
+        """Open another file of the queue. At construction a file of another app, or an
+        unsafe one, is a clear error; one that appears later is reported once and left alone:
+        refusing then would stop this process from shipping its own events."""
+        try:
+            self._try_open_other(name)
+        except (QueueMismatchError, SchemaTooNewError, UnsafePathError) as exc:
+            if not self._constructed:
+                raise
+            self._refused.add(name)
+            self.incidents.append(exc)
+
+    def _try_open_other(self, name: str) -> None:
         try:
             queue = SQLiteQueue(
                 self.directory,
@@ -502,19 +538,23 @@ class QueueDirectory:
         Not once our own file is retired (`close`, or a forked child before its first event):
         their dead letters and checkpoints need a live file to move into.
         """
-        if self._retired:
-            return 0
+        with self._guard:
+            if self._retired:
+                return 0
+            own = self._own
         removed = 0
         for queue in self._scanned():
-            if queue is self._own or queue.path.name == DB_NAME or self._gone(queue):
+            if queue is own or queue.path.name == DB_NAME or self._gone(queue):
                 continue
             with _owner_gone(queue.path) as gone:
                 if not gone:
                     continue
                 try:
-                    if queue.depth(for_flusher=True) > 0:
+                    # A row, not the counter: rows an operator inserted by hand with their
+                    # own ids would not show in ``seq - removed``.
+                    if queue.head() is not None:
                         continue
-                    self.own.absorb(queue)
+                    own.absorb(queue)  # QueueRetired (we are closing): tried another time
                 except StorageError:
                     continue  # tried again after the next drain
                 with self._guard:
@@ -557,12 +597,18 @@ class QueueDirectory:
         if self._retired or self._pid != os.getpid():
             return closed
         own = self._own
-        removable = own.removable()
-        if not own.close(timeout=timeout):
-            return False
         with self._guard:
-            self._files.pop(own.path.name, None)
+            # Retired first: a concurrent append that picked this file gets QueueRetired and
+            # stores its event in a new file (`own`), never in one about to be removed.
             self._retired = True
+            self._files.pop(own.path.name, None)
+        removable = own.retire(timeout=timeout)
+        if removable is None:  # a connection stayed busy: keep using the file
+            with self._guard:
+                if self._own is own:
+                    self._retired = False
+                    self._files[own.path.name] = own
+            return False
         if removable and self._remove_own(own):
             return closed
         own.drop_owner_lock(unlink=False)

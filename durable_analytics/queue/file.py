@@ -73,7 +73,7 @@ from .sql import (
     TRIM_OLDEST,
     UPSERT_CHECKPOINT,
 )
-from .storage import QueueStorage
+from .storage import QueueRetired, QueueStorage
 
 __all__ = ["DeadLetter", "QueuedEvent", "SQLiteQueue"]
 
@@ -274,8 +274,8 @@ class SQLiteQueue(QueueStorage):
                     leader.trimmed += self._insert(conn, rows)
             finally:
                 self._write_lock.release()
-        except StorageBusyError as exc:
-            error = exc
+        except (StorageBusyError, QueueRetired) as exc:
+            error = exc  # every caller of the group gets it (a retired file: they retry)
         except sqlite3.DatabaseError as exc:
             error = translate(exc, self.path)
             error.__cause__ = exc

@@ -66,6 +66,7 @@ from .paths import (
     create_private_file,
     ensure_private_dir,
     lock_path_of,
+    owner_pid,
 )
 from .recovery import (
     ORPHAN_KIND,
@@ -95,13 +96,23 @@ from .sql import (
     SALVAGE_DEAD_LETTERS,
     SALVAGE_EVENTS,
     SELECT_DEPTH,
+    SELECT_KEPT,
     SELECT_META,
     SET_AUTO_VACUUM,
     SYNCHRONOUS,
     WRITER_AUTOCHECKPOINT,
 )
 
-__all__ = ["QueueStorage"]
+__all__ = ["QueueRetired", "QueueStorage"]
+
+
+class QueueRetired(StorageUnavailableError):
+    """This file was retired (`QueueStorage.retire`): write to a new one instead.
+
+    Raised to the owner of the queue (directory.py), which retries on its new file; it
+    never reaches the application.
+    """
+
 
 # --- SQL: what runs when a connection opens ----------------------------------------------------
 
@@ -341,6 +352,8 @@ class QueueStorage:
         self.create = create
         #: True for this process's own writer file: its lock file is held while we live.
         self.owned = owned
+        # Set by `retire`: nothing is written to this file any more.
+        self._retired = False
         self._owner_fd: int | None = None
         self._owner_lock_id: FileId | None = None
         self._path_str = str(self.path)
@@ -721,6 +734,8 @@ class QueueStorage:
         -wal or -shm are no longer ours (`_look`, one ``stat`` per operation: a write to a
         deleted file would be lost silently). Refreshes our files' times now and then.
         """
+        if self._retired:
+            raise QueueRetired(f"{self.path} was retired", path=self._path_str)
         if not self._ready:
             self._ensure_ready()
         if self.owned and time.monotonic() - self._fresh_at >= self.fresh_every:
@@ -894,9 +909,22 @@ class QueueStorage:
         self._open()
 
     def _release(self, conn: sqlite3.Connection, file_id: FileId | None) -> None:
-        """Close ``conn``, or abandon it if its file (or its -wal, -shm) left the path."""
+        """Close ``conn``, or abandon it if its file (or its -wal, -shm) left the path.
+
+        Abandoned, because SQLite's close would delete ``<name>-wal`` by name, by then maybe
+        another file's. Except for another process's writer file removed whole (database and
+        lock file gone: drained and removed by a flusher, or by its owner's clean close): its
+        name is never used again, so closing is safe, and abandoning would keep three
+        descriptors per removed file open for the life of the process (a server recycling
+        its workers would run out).
+        """
         current, moved = self._look()
-        if file_id is not None and current == file_id and moved is None:
+        if (file_id is not None and current == file_id and moved is None) or (
+            current is None
+            and not self.create
+            and owner_pid(self.path) is not None
+            and not os.path.lexists(lock_path_of(self.path))
+        ):
             _disconnect(conn, file_id)
         else:
             abandon(conn)
@@ -1035,6 +1063,38 @@ class QueueStorage:
             raise _stamp(translate(exc, self.path), tried) from exc
 
     # --- lifecycle ---------------------------------------------------------------------------
+
+    def retire(self, *, timeout: float | None = None) -> bool | None:
+        """Stop writing to this file for good and close it; True if it holds nothing anyone
+        needs (no event, dead letter or checkpoint), False if it does, None (nothing done) if a
+        connection stayed in use past ``timeout``.
+
+        Under the writers' lock, so no append can commit between the check and the close: an
+        append that comes later gets `QueueRetired` instead of reopening the file, and the
+        owner (directory.py) stores it in a new file. Whether the file may then be removed is
+        the caller's decision (it needs the flush lock).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken: list[Any] = []
+        try:
+            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
+                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not lock.acquire(timeout=wait):
+                    return None
+                taken.append(lock)
+            if any(slot.busy for slot in self._read_slots):
+                return None
+            self._retired = True
+            try:
+                empty = not self._peek_apart(SELECT_KEPT)[0]
+            except StorageError:
+                empty = False
+            self._release_connections()
+            self._closed = True
+            return empty
+        finally:
+            for lock in reversed(taken):
+                lock.release()
 
     def close(self, *, timeout: float | None = None) -> bool:
         """Close this process's connections. Idempotent; the queue reopens lazily if used again.
