@@ -107,6 +107,7 @@ class QueueDirectory:
         self.incidents: collections.deque[StorageError] = collections.deque()
         self._pid = os.getpid()
         self._guard = threading.RLock()
+        self._scan_lock = threading.Lock()
         # Every file we have open, by name; our own among them.
         self._files: dict[str, SQLiteQueue] = {}
         self._turn = 0
@@ -188,6 +189,7 @@ class QueueDirectory:
             return
         self._pid = os.getpid()
         self._guard = threading.RLock()
+        self._scan_lock = threading.Lock()
         self._files = {}
         self._turn = 0
         self._next_scan = 0.0
@@ -286,15 +288,18 @@ class QueueDirectory:
     # --- every file ---------------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Open the files that appeared in the directory, forget those that went away."""
-        with self._guard:
-            present = {path.name for path in queue_files(self.directory)}
-            for name in list(self._files):
-                if name not in present and name != self._own_name:
-                    self._forget(self._files[name])
-            for name in present:
-                if name not in self._files and name not in self._refused:
-                    self._open_other(name)
+        """Open the files that appeared in the directory, forget those that went away.
+
+        One thread at a time (`_scanned` holds `_scan_lock`); the dict is changed by single
+        operations, which other threads see whole.
+        """
+        present = {path.name for path in queue_files(self.directory)}
+        for name in list(self._files):
+            if name not in present and name != self._own_name:
+                self._forget(self._files[name])
+        for name in present:
+            if name not in self._files and name not in self._refused:
+                self._open_other(name)
 
     def _open_other(self, name: str) -> None:
         """Open another file of the queue. At construction a file of another app, or an
@@ -340,11 +345,16 @@ class QueueDirectory:
         """The files of the queue; ``fresh=False`` (the flusher, per batch) reuses a listing
         up to `_RESCAN_EVERY` old: a new writer's file waits that long for its first batch."""
         now = time.monotonic()
-        if fresh or now >= self._next_scan:
-            self._scan()
-            self._next_scan = now + _RESCAN_EVERY
-        with self._guard:
-            return list(self._files.values())
+        # Never waited for: the thread scanning may be one a signal handler interrupted, and
+        # the handler may be waiting for this very thread (flush()); the listing we have will
+        # do until the next call.
+        if (fresh or now >= self._next_scan) and self._scan_lock.acquire(blocking=False):
+            try:
+                self._scan()
+                self._next_scan = now + _RESCAN_EVERY
+            finally:
+                self._scan_lock.release()
+        return list(self._files.values())
 
     def _file_of(self, source: FileId | None) -> SQLiteQueue | None:
         for queue in list(self._files.values()):
@@ -356,8 +366,7 @@ class QueueDirectory:
         """True (and forgotten) if ``queue`` is another process's file that was removed."""
         if queue is self._own or os.path.lexists(queue.path):
             return False
-        with self._guard:
-            self._forget(queue)
+        self._forget(queue)
         return True
 
     def _sum(self, read: Callable[[SQLiteQueue], int], *, fresh: bool = True) -> int:
@@ -424,13 +433,11 @@ class QueueDirectory:
 
     def wal_size(self) -> int:
         """The largest ``-wal`` of the queue's files."""
-        with self._guard:
-            return max((queue.wal_size() for queue in self._files.values()), default=0)
+        return max((queue.wal_size() for queue in list(self._files.values())), default=0)
 
     def file_size(self) -> int:
         """Bytes on disk, every file with its WAL."""
-        with self._guard:
-            return sum(queue.file_size() for queue in self._files.values())
+        return sum(queue.file_size() for queue in list(self._files.values()))
 
     # --- the flusher's side -------------------------------------------------------------
 
@@ -502,9 +509,7 @@ class QueueDirectory:
         """Checkpoint the WAL of every file that has ``min_bytes`` or more; False if any kept
         frames (see `SQLiteQueue.checkpoint`)."""
         done = True
-        with self._guard:
-            queues = list(self._files.values())
-        for queue in queues:
+        for queue in list(self._files.values()):
             if queue.wal_size() >= max(min_bytes, 1):
                 try:
                     done = queue.checkpoint(restart=restart) and done
@@ -538,10 +543,10 @@ class QueueDirectory:
         Not once our own file is retired (`close`, or a forked child before its first event):
         their dead letters and checkpoints need a live file to move into.
         """
-        with self._guard:
-            if self._retired:
-                return 0
-            own = self._own
+        # No lock: the flusher must not wait for one the app's threads hold (see `_scanned`).
+        own = self._own
+        if self._retired:
+            return 0
         removed = 0
         for queue in self._scanned():
             if queue is own or queue.path.name == DB_NAME or self._gone(queue):
@@ -557,8 +562,7 @@ class QueueDirectory:
                     own.absorb(queue)  # QueueRetired (we are closing): tried another time
                 except StorageError:
                     continue  # tried again after the next drain
-                with self._guard:
-                    self._forget(queue)
+                self._forget(queue)
                 _unlink_files(queue.path)
                 removed += 1
         self._remove_orphan_locks()
@@ -588,8 +592,7 @@ class QueueDirectory:
         released, so whichever process flushes next drains it like a dead process's file.
         Returns False if a connection was in use past ``timeout`` (nothing retired then).
         """
-        with self._guard:
-            queues = list(self._files.values())
+        queues = list(self._files.values())
         closed = True
         for queue in queues:
             if queue is not self._own:

@@ -167,7 +167,9 @@ _COMPANIONS: dict[FileId, Companions] = {}
 # bookkeeping came along with them and says locks are held that the child does not hold, so
 # a new connection to one of them would write without the OS locks: never opened here.
 _INHERITED: set[FileId] = set()
-_REGISTRY_GUARD = threading.Lock()
+# Re-entrant: a signal handler may read the queue (stats(), queue_depth()) and open a
+# connection while the frame it interrupted holds it.
+_REGISTRY_GUARD = threading.RLock()
 
 
 def _companions_at(path: str) -> Companions:
@@ -192,8 +194,9 @@ def _settle() -> None:
     """Uncount the connections the garbage collector closed (the caller holds the lock)."""
     while _DROPPED:
         _uncount(_DROPPED.popleft())
-    for key in [key for key, fin in _FINALIZERS.items() if not fin.alive]:
-        del _FINALIZERS[key]
+    for key, fin in list(_FINALIZERS.items()):  # one C call: a handler can't resize it meanwhile
+        if not fin.alive:
+            _FINALIZERS.pop(key, None)
 
 
 def _uncount(db: FileId) -> None:
@@ -297,7 +300,7 @@ def _after_fork_in_child() -> None:
     _forget_write_locks_in_child()
     _HELD_FOR_FORK.clear()
     _INIT_GUARD = threading.Lock()
-    _REGISTRY_GUARD = threading.Lock()
+    _REGISTRY_GUARD = threading.RLock()
     _settle()
     _INHERITED.update(db for db, count in _CONNECTIONS.items() if count > 0)
     for queue in list(_OPEN_QUEUES):
