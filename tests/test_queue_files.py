@@ -361,3 +361,34 @@ def test_reading_files_that_other_processes_remove_leaks_no_descriptors(
         assert len(os.listdir("/proc/self/fd")) - before <= 3
     finally:
         queue.close()
+
+
+def test_close_with_a_timeout_gives_up_while_another_thread_makes_a_new_file(
+    queue_dir: Path,
+) -> None:
+    """Review finding: close(timeout=...) (shutdown from a signal handler) waited without bound
+    for the directory's guard, which a thread making a new file holds for up to the init-lock
+    wait. It now gives up (False) within its timeout, retiring nothing, and the queue works."""
+    queue = QueueDirectory(queue_dir, "files", self_heal=True)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with queue._guard:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        outcome: list[bool] = []
+        closer = threading.Thread(target=lambda: outcome.append(queue.close(timeout=0.2)))
+        closer.start()
+        closer.join(10)
+        assert outcome == [False]
+    finally:
+        release.set()
+        holder.join(10)
+    queue.append(event(0))
+    assert queue.depth() == 1
+    assert queue.close() is True

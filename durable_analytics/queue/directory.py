@@ -600,11 +600,17 @@ class QueueDirectory:
         if self._retired or self._pid != os.getpid():
             return closed
         own = self._own
-        with self._guard:
+        # Bounded like the connections' locks: the guard's holder may be a thread this call
+        # interrupted (a signal handler shutting down) while it makes a new file.
+        if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        try:
             # Retired first: a concurrent append that picked this file gets QueueRetired and
             # stores its event in a new file (`own`), never in one about to be removed.
             self._retired = True
             self._files.pop(own.path.name, None)
+        finally:
+            self._guard.release()
         removable = own.retire(timeout=timeout)
         if removable is None:  # a connection stayed busy: keep using the file
             with self._guard:
