@@ -294,9 +294,9 @@ class QueueDirectory:
         operations, which other threads see whole.
         """
         present = {path.name for path in queue_files(self.directory)}
-        for name in list(self._files):
+        for name, queue in list(self._files.items()):
             if name not in present and name != self._own_name:
-                self._forget(self._files[name])
+                self._forget(queue)  # maybe forgotten by another thread meanwhile: no matter
         for name in present:
             if name not in self._files and name not in self._refused:
                 self._open_other(name)
