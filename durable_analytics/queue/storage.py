@@ -1067,6 +1067,27 @@ class QueueStorage:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _all_idle(self, timeout: float | None) -> Iterator[bool]:
+        """Hold every lock of this queue's connections; yields False (holding none) if one
+        stayed in use past ``timeout``, or a read this thread was interrupted in holds one
+        (re-entrant lock): for a caller that may be a signal handler."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken: list[Any] = []
+        try:
+            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
+                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not lock.acquire(timeout=wait):
+                    break
+                taken.append(lock)
+            idle = len(taken) == 2 + len(self._read_slots) and not any(
+                slot.busy for slot in self._read_slots
+            )
+            yield idle
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+
     def retire(self, *, timeout: float | None = None) -> bool | None:
         """Stop writing to this file for good and close it; True if it holds nothing anyone
         needs (no event, dead letter or checkpoint), False if it does, None (nothing done) if a
@@ -1077,15 +1098,8 @@ class QueueStorage:
         owner (directory.py) stores it in a new file. Whether the file may then be removed is
         the caller's decision (it needs the flush lock).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        taken: list[Any] = []
-        try:
-            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
-                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                if not lock.acquire(timeout=wait):
-                    return None
-                taken.append(lock)
-            if any(slot.busy for slot in self._read_slots):
+        with self._all_idle(timeout) as idle:
+            if not idle:
                 return None
             self._retired = True
             try:
@@ -1095,9 +1109,6 @@ class QueueStorage:
             self._release_connections()
             self._closed = True
             return empty
-        finally:
-            for lock in reversed(taken):
-                lock.release()
 
     def close(self, *, timeout: float | None = None) -> bool:
         """Close this process's connections. Idempotent; the queue reopens lazily if used again.
@@ -1109,22 +1120,11 @@ class QueueStorage:
         if self._pid != os.getpid():
             self.after_fork()
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        taken: list[Any] = []
-        try:
-            for lock in (self._lock, self._flush_lock, *(slot.lock for slot in self._read_slots)):
-                wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                if not lock.acquire(timeout=wait):
-                    return False
-                taken.append(lock)
-            if any(slot.busy for slot in self._read_slots):
-                return False  # a read this thread was interrupted in (re-entrant lock)
-            self._release_connections()
-            self._closed = True
-            return True
-        finally:
-            for lock in reversed(taken):
-                lock.release()
+        with self._all_idle(timeout) as idle:
+            if idle:
+                self._release_connections()
+                self._closed = True
+            return idle
 
 
 def _settled(stamp: tuple[int, int, int]) -> int:
